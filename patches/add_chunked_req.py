@@ -1,0 +1,13 @@
+"""``PrefillAdder.add_chunked_req`` (sglang 0.5.23): the last chunk of a long prompt reserves the
+request's exact slot bound too (see ``prefill_adder.reserve_as_bounded``).
+"""
+
+from sglang_vase.patches.prefill_adder import reserve_as_bounded
+
+TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
+HOOK_TYPE = "AROUND"
+
+
+def hook(original, self, req, *args, **kwargs):
+    with reserve_as_bounded(req):
+        return original(self, req, *args, **kwargs)

@@ -1,0 +1,16 @@
+"""``Req.reset_for_retract`` (sglang 0.5.23): a retracted request starts its eviction state over.
+
+Retraction frees the whole row and later re-prefills the full context uncompressed (the tokens
+evicted before are attended again), so the eviction count and slot bound restart from there.
+"""
+
+from sglang_vase.engine.state import request_state
+
+TARGET = "sglang.srt.managers.schedule_batch.Req.reset_for_retract"
+HOOK_TYPE = "AFTER"
+
+
+def hook(result, self, *args, **kwargs):
+    state = request_state(self)
+    if state is not None:
+        state.reset()

@@ -1,0 +1,114 @@
+"""VaSE settings: server defaults (``--vase-*`` flags) and per-request overrides.
+
+The launcher turns the flags into JSON in the ``SGLANG_VASE_CONFIG`` environment variable, which
+every SGLang process it spawns inherits; the plugin reads it there. A request may override the
+defaults through ``sampling_params.custom_params`` (``custom_params`` at the top level of OpenAI
+requests)::
+
+    {"vase": {"policy": "vase", "budget": 512, "window": 64, "n_large": 128, "seed": 7}}
+    {"vase": false}                                   # this request keeps its full cache
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sglang_vase.policies import POLICIES, get_policy, policy_params
+from sglang_vase.policies.base import Policy
+
+ENV_VAR = "SGLANG_VASE_CONFIG"
+DISABLED = "none"
+# Fields a request may set in custom_params["vase"]; sort_kept is a server-wide choice.
+REQUEST_FIELDS = ("policy", "budget", "window", "n_large", "seed")
+
+
+@dataclass(frozen=True)
+class VaseParams:
+    """The eviction settings of one request (or the server's defaults)."""
+
+    policy: str = "vase"
+    budget: int = 4096
+    window: int = 64
+    n_large: int | None = None  # None: the policy's default (budget // 4 for vase)
+    seed: int | None = None  # None: a seed derived from the request id
+    sort_kept: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != DISABLED
+
+    def build_policy(self) -> Policy:
+        """The policy object; raises ValueError naming the bad parameter."""
+        return _build_policy(self.policy, self.budget, self.window, self.n_large, self.sort_kept)
+
+    def slot_bound(self, prompt_len: int) -> int:
+        """Most KV slots the request can ever hold: max(prompt, B) + R (VASE_SPEC, static footprint)."""
+        return max(prompt_len, self.budget) + self.window
+
+    def validate(self) -> "VaseParams":
+        if self.policy != DISABLED and self.policy not in POLICIES:
+            raise ValueError(
+                f"vase policy: unknown policy {self.policy!r}; choose one of {sorted(POLICIES)} or '{DISABLED}'"
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"vase seed must be a non-negative integer, got {self.seed!r}")
+        if self.enabled:
+            self.build_policy()
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+@lru_cache(maxsize=256)
+def _build_policy(name, budget, window, n_large, sort_kept) -> Policy:
+    params = {"budget": budget, "window": window, "sort_kept": sort_kept}
+    if n_large is not None:
+        if "n_large" not in policy_params(POLICIES[name]):
+            raise ValueError(f"vase n_large: policy {name!r} has no value slots (n_large)")
+        params["n_large"] = n_large
+    return get_policy(name, **params)
+
+
+def server_defaults() -> VaseParams | None:
+    """The server's settings from the environment, or None when sglang-vase was not launched."""
+    raw = os.environ.get(ENV_VAR)
+    if not raw:
+        return None
+    return VaseParams(**json.loads(raw))
+
+
+def request_params(custom_params: dict | None, defaults: VaseParams) -> VaseParams:
+    """Merge a request's ``custom_params["vase"]`` into the server defaults and validate.
+
+    Raises ValueError with a message naming the field, which SGLang turns into an HTTP 400.
+    """
+    override = (custom_params or {}).get("vase")
+    if override is None or override is True:
+        return defaults
+    if override is False:
+        return dataclasses.replace(defaults, policy=DISABLED)
+    if not isinstance(override, dict):
+        raise ValueError(f"custom_params.vase must be an object or a boolean, got {override!r}")
+    unknown = set(override) - set(REQUEST_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"custom_params.vase: unknown field(s) {sorted(unknown)}; allowed: {list(REQUEST_FIELDS)}"
+        )
+    for name in ("budget", "window", "n_large", "seed"):
+        value = override.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"custom_params.vase.{name} must be an integer, got {value!r}")
+    if "policy" in override and not isinstance(override["policy"], str):
+        raise ValueError(f"custom_params.vase.policy must be a string, got {override['policy']!r}")
+    merged = dataclasses.replace(defaults, **override)
+    if "budget" in override and "n_large" not in override:
+        merged = dataclasses.replace(merged, n_large=None)  # re-derive budget // 4
+    try:
+        return merged.validate()
+    except ValueError as e:
+        raise ValueError(f"custom_params.vase: {e}") from None

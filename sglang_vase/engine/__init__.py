@@ -1,0 +1,1 @@
+"""What eviction means for a request, independent of SGLang: trigger, selection, compaction."""

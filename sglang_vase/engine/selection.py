@@ -1,0 +1,43 @@
+"""The eviction step every path shares: the SGLang engine and the transformers replay.
+
+Both call ``should_evict`` after each decode step and ``select_keep`` for each layer, so that a
+request evicts exactly the same tokens in either (same trigger, same seeds, same per-head keep sets).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_vase.policies.base import Policy
+
+# The policy's noise stream for (eviction e, layer l) is e * _LAYER_STRIDE + l: distinct for every
+# layer of every eviction, while per-request-fixed noise (CurDKV's projection) ignores it.
+_LAYER_STRIDE = 1024
+
+
+def should_evict(n: int, budget: int, window: int) -> bool:
+    """After a decode step, with physical length ``n`` (the new token included)."""
+    return n > budget and n % window == 0
+
+
+def select_keep(
+    policy: Policy,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor | None,
+    seeds: torch.Tensor,
+    evictions: torch.Tensor,
+    layer: int,
+    check: bool = False,
+) -> torch.Tensor:
+    """Keep sets of one layer for a batch of requests.
+
+    keys, values: ``[B, H_kv, N, D]`` candidates (physical slots 0..N-1, N = n - window);
+    queries: ``[B, H_q, window, D]`` post-RoPE window queries (any order), or None;
+    seeds, evictions: int64 ``[B]``: request seed and how many evictions it has had before this one.
+    Returns int64 ``[B, H_kv, budget - window]``.
+    """
+    if layer >= _LAYER_STRIDE:
+        raise ValueError(f"layer index {layer} exceeds {_LAYER_STRIDE}")
+    step = evictions.to(torch.int64) * _LAYER_STRIDE + layer
+    return policy.select_batched(keys, values, queries, seeds, step, check=check)

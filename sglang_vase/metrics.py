@@ -1,0 +1,37 @@
+"""Prometheus counters for evictions (with ``--enable-metrics``), in the scheduler process.
+
+Created lazily from the scheduler's metrics-collector hook: ``prometheus_client`` must not be
+imported before SGLang sets its multiprocess directory, which happens after plugins load.
+"""
+
+from __future__ import annotations
+
+_COUNTERS: dict | None = None
+_LABELS: dict = {}
+
+
+def init(labels: dict) -> None:
+    global _COUNTERS, _LABELS
+    from prometheus_client import Counter, Gauge
+
+    names = list(labels)
+    _LABELS = labels
+    _COUNTERS = {
+        "evictions": Counter("sglang:vase_evictions_total", "Request evictions performed by sglang-vase", names),
+        "freed": Counter("sglang:vase_freed_slots_total", "KV slots freed by sglang-vase evictions", names),
+        "kv_used": Gauge(
+            "sglang:vase_kv_used_slots", "KV slots held by running requests after evictions", names,
+            multiprocess_mode="mostrecent",
+        ),
+    }
+
+
+def record_evictions(requests: int, freed_slots: int) -> None:
+    if _COUNTERS is not None:
+        _COUNTERS["evictions"].labels(**_LABELS).inc(requests)
+        _COUNTERS["freed"].labels(**_LABELS).inc(freed_slots)
+
+
+def record_kv_used(slots: int) -> None:
+    if _COUNTERS is not None:
+        _COUNTERS["kv_used"].labels(**_LABELS).set(slots)

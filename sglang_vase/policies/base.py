@@ -1,0 +1,245 @@
+"""The eviction-policy contract and the selection step every policy shares.
+
+A policy is a small class with one scoring method (kvpress style). Selection is common:
+
+    pinned  = top-n_pinned of ``pin_scores``            (e.g. VaSE's largest value ranges)
+    rest    = K - n_pinned more, by ``scores``:
+              top-k (deterministic policies) or sampled without replacement proportionally to the
+              score (stochastic policies; Gumbel-top-k: topk(log score + Gumbel noise))
+    keep    = pinned ++ rest                            (or sorted by position if ``sort_kept``)
+
+with K = budget - window, per (batch..., KV head) independently.
+
+A score of ``-inf`` excludes a token: it is never kept (the ``evict-large-v`` control uses it).
+
+Two entry points share that code:
+- ``select(keys, values, queries, generator)``: one request, ``[H_kv, N, D]`` -> ``[H_kv, K]``;
+- ``select_batched(keys, values, queries, seed, step)``: any leading batch dims (requests, layers),
+  random numbers from ``noise`` keyed by the int64 ``seed``/``step`` tensors of the batch shape.
+
+Every concrete policy (a subclass that defines ``name``) registers itself in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from sglang_vase.policies import noise
+
+# Keys of zero-score candidates in Gumbel-top-k: below any log(positive fp32) + Gumbel noise
+# (>= -104 - 3), above -inf (excluded tokens), and still randomised among themselves.
+_ZERO_SCORE_KEY = -1.0e4
+
+# Policy name -> class, filled by ``Policy.__init_subclass__``.
+REGISTRY: dict[str, type["Policy"]] = {}
+
+
+@dataclass
+class EvictionInputs:
+    """What a policy scores: candidates and window queries, plus the randomness keys.
+
+    keys, values: ``[..., H_kv, N, D]``; queries: ``[..., H_q, W, D]`` or None;
+    seed, step: int64 of the batch shape ``...`` (request seed, eviction counter).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor | None
+    seed: torch.Tensor
+    step: torch.Tensor
+
+    def noise(self, kind: str, stream: int, shape: tuple[int, ...], per_eviction: bool = True) -> torch.Tensor:
+        """Random numbers of ``batch + shape``; ``per_eviction=False`` repeats them at every eviction."""
+        step = self.step if per_eviction else torch.zeros_like(self.step)
+        return getattr(noise, kind)(self.seed, step * 64 + stream, shape)
+
+
+class Policy:
+    """Base class. Subclasses set ``name`` and implement ``scores`` (and optionally ``pin_scores``).
+
+    Parameters (every policy):
+        budget: KV slots kept per request, layer and KV head after an eviction (B).
+        window: recency buffer = observation window = eviction period (R). B > R, B % R == 0.
+        n_sink: first tokens treated as attention sinks (kept by the policies that pin them).
+        sort_kept: return the kept indices sorted by position instead of [pinned, rest] order.
+    """
+
+    name: ClassVar[str]
+    needs_queries: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # concrete policy; intermediate classes define no name
+            if cls.name in REGISTRY:
+                raise ValueError(f"policy name {cls.name!r} registered twice")
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, budget: int, window: int = 64, n_sink: int = 4, sort_kept: bool = False):
+        check_int("budget", budget, minimum=1)
+        check_int("window", window, minimum=1)
+        check_int("n_sink", n_sink, minimum=0)
+        if budget <= window:
+            raise ValueError(f"budget ({budget}) must be larger than window ({window})")
+        if budget % window != 0:
+            raise ValueError(f"budget ({budget}) must be a multiple of window ({window})")
+        self.budget = budget
+        self.window = window
+        self.n_sink = n_sink
+        self.sort_kept = bool(sort_kept)
+
+    @property
+    def n_keep(self) -> int:
+        """K = budget - window: slots for compressed history."""
+        return self.budget - self.window
+
+    @property
+    def n_pinned(self) -> int:
+        return 0
+
+    # --- the one method a policy implements -------------------------------------------------
+    def scores(self, x: EvictionInputs) -> torch.Tensor:
+        """Importance ``[..., H_kv, N]``. Higher = keep; ``-inf`` = never keep.
+
+        Stochastic policies sample proportionally to the score, so theirs must be >= 0 (or -inf).
+        """
+        raise NotImplementedError
+
+    def pin_scores(self, x: EvictionInputs) -> torch.Tensor:
+        """Score whose top ``n_pinned`` are kept unconditionally (only if ``n_pinned > 0``)."""
+        raise NotImplementedError
+
+    # --- shared selection --------------------------------------------------------------------
+    def select(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Indices to keep for one request: ``[H_kv, N, D]`` -> int64 ``[H_kv, budget - window]``.
+
+        The request seed is drawn from ``generator``; the eviction counter is 0.
+        """
+        for name, t in (("keys", keys), ("values", values), ("queries", queries)):
+            if t is not None and t.dim() != 3:
+                raise ValueError(f"{name} must be 3-D [heads, tokens, head_dim], got shape {tuple(t.shape)}")
+        seed = torch.tensor(noise.seed_from_generator(generator), device=keys.device)
+        step = torch.zeros((), dtype=torch.int64, device=keys.device)
+        return self.select_batched(keys, values, queries, seed, step)
+
+    def select_batched(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        seed: torch.Tensor,
+        step: torch.Tensor,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """Batched form: ``[..., H_kv, N, D]`` -> int64 ``[..., H_kv, budget - window]``.
+
+        ``check=False`` skips the NaN/inf check, the only one that synchronises with the device
+        (shape checks always run).
+        """
+        self.validate(keys, values, queries, check_finite=check)
+        batch = keys.shape[:-3]
+        x = EvictionInputs(
+            keys,
+            values,
+            queries,
+            torch.as_tensor(seed, dtype=torch.int64, device=keys.device).expand(batch),
+            torch.as_tensor(step, dtype=torch.int64, device=keys.device).expand(batch),
+        )
+        return self.select_from_scores(x, self.scores(x), self.pin_scores(x) if self.n_pinned else None)
+
+    def select_from_scores(
+        self, x: EvictionInputs, scores: torch.Tensor, pin_scores: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Selection given precomputed scores (the Triton scoring kernel feeds this too)."""
+        k = self.n_keep
+        scores = scores.float()
+        parts = []
+        if pin_scores is not None and self.n_pinned > 0:
+            pinned = torch.topk(pin_scores, self.n_pinned, dim=-1).indices
+            parts.append(pinned)
+            scores = scores.scatter(-1, pinned, -math.inf)
+        n_rest = k - (self.n_pinned if pin_scores is not None else 0)
+        if n_rest > 0:
+            if self.stochastic:
+                g = x.noise("gumbel", 0, tuple(scores.shape[len(x.seed.shape):]))
+                key = torch.where(scores > 0, torch.log(scores.clamp_min(1e-38)) + g, _ZERO_SCORE_KEY + g)
+                key = key.masked_fill(scores == -math.inf, -math.inf)  # pinned or excluded
+            else:
+                key = scores
+            parts.append(torch.topk(key, n_rest, dim=-1).indices)
+        keep = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return keep.sort(dim=-1).values if self.sort_kept else keep
+
+    # --- input checks --------------------------------------------------------------------------
+    def validate(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        check_finite: bool = True,
+    ) -> None:
+        if keys.dim() < 3 or keys.shape != values.shape:
+            raise ValueError(
+                f"keys and values must share a shape [..., heads, tokens, head_dim]; got keys "
+                f"{tuple(keys.shape)} and values {tuple(values.shape)}"
+            )
+        n = keys.shape[-2]
+        if n < self.n_keep:
+            raise ValueError(
+                f"N (candidate tokens, {n}) must be at least budget - window ({self.n_keep})"
+            )
+        if self.needs_queries:
+            if queries is None:
+                raise ValueError(f"queries are required by policy '{self.name}'")
+            if queries.shape[:-3] != keys.shape[:-3] or queries.shape[-1] != keys.shape[-1]:
+                raise ValueError(
+                    f"queries shape {tuple(queries.shape)} does not match keys {tuple(keys.shape)}"
+                )
+            if queries.shape[-3] % keys.shape[-3] != 0:
+                raise ValueError(
+                    f"query heads ({queries.shape[-3]}) must be a multiple of KV heads ({keys.shape[-3]})"
+                )
+        if not check_finite:
+            return
+        for name, t in (("keys", keys), ("values", values), ("queries", queries if self.needs_queries else None)):
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"{name} contain NaN or inf")
+
+
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
+    """Raise a ValueError naming ``name`` unless ``minimum <= value (<= maximum)`` is an int."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def check_float(
+    name: str, value, minimum: float, maximum: float = math.inf, open_minimum: bool = False
+) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a real number in the given range."""
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (value > minimum if open_minimum else value >= minimum)
+        and value <= maximum
+    )
+    if not ok:
+        bounds = f"{'>' if open_minimum else '>='} {minimum}"
+        if maximum < math.inf:
+            bounds += f" and <= {maximum}"
+        raise ValueError(f"{name} must be a number {bounds}, got {value!r}")

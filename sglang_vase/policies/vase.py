@@ -1,0 +1,83 @@
+"""VaSE-AttnV and its value-slot ablations (VASE_SPEC "One eviction")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sglang_vase.policies.base import EvictionInputs, check_int
+from sglang_vase.policies.scoring import value_range
+from sglang_vase.policies.snapkv import SnapKV
+
+
+class VaSE(SnapKV):
+    """VaSE-AttnV: pin the n_large largest value ranges (sinks forced in), sample the rest by attention.
+
+    Kept order: [pinned by value range desc, sampled] unless sort_kept.
+
+    Parameters (besides budget, window, n_sink, sort_kept, temperature, smoothing_kernel):
+        n_large: value slots, 0..budget-window; None = budget // 4. Sinks are only guaranteed
+            when n_large >= n_sink.
+    """
+
+    name = "vase"
+    stochastic = True
+
+    def __init__(self, budget: int, *, n_large: int | None = None, **common):
+        super().__init__(budget, **common)
+        self.n_large = self.default_n_large() if n_large is None else n_large
+        check_int("n_large", self.n_large, minimum=0, maximum=self.n_keep)
+
+    def default_n_large(self) -> int:
+        return self.budget // 4
+
+    @property
+    def n_pinned(self) -> int:
+        return self.n_large
+
+    def pin_scores(self, x: EvictionInputs) -> torch.Tensor:
+        return value_range(x.values, self.n_sink)
+
+
+class VaSETopK(VaSE):
+    """Ablation: VaSE's value slots, then deterministic top-k of attention instead of sampling."""
+
+    name = "vase-topk"
+    stochastic = False
+
+
+class EvictLargeV(VaSE):
+    """Negative control: never keep the n_large largest value ranges; sample the rest like VaSE.
+
+    The range is the plain one (sinks not forced). Every eviction must find enough other tokens,
+    so N >= budget - window + n_large. The default n_large = window always fits in the engine
+    (N >= budget there); when N == budget it evicts exactly the window's worth of largest-range
+    tokens and keeps all the others, like the paper's "evict large" pilot.
+
+    Parameters: as ``vase``, except n_large: None = window.
+    """
+
+    name = "evict-large-v"
+    n_pinned = 0
+
+    def default_n_large(self) -> int:
+        return self.window
+
+    def validate(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        check_finite: bool = True,
+    ) -> None:
+        super().validate(keys, values, queries, check_finite)
+        if keys.shape[-2] < self.n_keep + self.n_large:
+            raise ValueError(
+                f"n_large ({self.n_large}) leaves too few candidates: N ({keys.shape[-2]}) must be at "
+                f"least budget - window + n_large ({self.n_keep + self.n_large})"
+            )
+
+    def scores(self, x: EvictionInputs) -> torch.Tensor:
+        large = torch.topk(value_range(x.values, n_sink=0), self.n_large, dim=-1).indices
+        return super().scores(x).scatter(-1, large, -math.inf)
