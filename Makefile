@@ -1,0 +1,27 @@
+# The two commands: `make serve` and `make test`. Both create .venv when missing.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+ROUTE ?= auto
+PORT  ?= 30000
+# Extra flags for `make serve`, e.g. ARGS="--vase-budget 512 --model-path /models/Qwen3-4B"
+ARGS  ?=
+# Extra pytest flags for `make test`, e.g. PYTEST_ARGS="-m 'not slow'"
+PYTEST_ARGS ?=
+
+.PHONY: install model serve test bench clean
+
+install:
+	@VENV=$(VENV) bash scripts/install.sh $(ROUTE)
+
+model: install
+	@$(PY) -m sglang_vase.models
+
+serve: model
+	@echo "sglang-vase on http://127.0.0.1:$(PORT)  (try: curl http://127.0.0.1:$(PORT)/generate -H 'Content-Type: application/json' -d '{\"text\": \"Hello\", \"sampling_params\": {\"max_new_tokens\": 32}}')"
+	$(PY) -m sglang_vase.launch_server --host 127.0.0.1 --port $(PORT) $(ARGS)
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,188 @@
+"""Parity of the Triton kernels (sglang_vase.kernels) with their torch references.
+
+On a machine without CUDA the kernels run under the Triton interpreter on CPU tensors (shapes are
+kept small for it); with CUDA the same tests run the compiled kernels on the GPU. Every test draws
+fresh data; the seed is in the failure message, and VASE_TEST_SEED=<seed> replays it.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_vase.kernels import compact_, compact_reference_, score_candidates, score_candidates_reference
+
+# On CPU, conftest.py has set TRITON_INTERPRET=1 before the kernels were defined.
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def seed():
+    return int(os.environ.get("VASE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def make_layer(seed, *, bq, n, h_kv, group, d, w, dtype, extra=37, device=DEVICE):
+    """One layer of a pool shared with other requests; the batch's slots are scattered through it."""
+    g = torch.Generator().manual_seed(seed)
+    pool = bq * n + extra
+    k_buf = torch.randn(pool, h_kv, d, generator=g).to(dtype)
+    v_buf = torch.randn(pool, h_kv, d, generator=g).to(dtype)
+    v_buf[torch.randint(pool, (pool // 10,), generator=g)] *= 8  # a few large-range values
+    # A strided view of a wider req_to_token-like table, int32 like SGLang's.
+    table = torch.randperm(pool, generator=g)[: bq * (n + 3)].view(bq, n + 3).to(torch.int32)
+    # Queries as the engine's ring [rows, layers, W, H_q, D] viewed at one layer: not contiguous.
+    ring = 3 * torch.randn(bq, 2, w, h_kv * group, d, generator=g)
+    to = dict(device=device)
+    return k_buf.to(**to), v_buf.to(**to), table.to(**to)[:, :n], ring.to(dtype).to(**to)[:, 1]
+
+
+SCORE_CASES = [
+    # bq, n, h_kv, group, d, w, dtype
+    (3, 100, 2, 1, 64, 8, torch.float32),
+    (2, 150, 2, 3, 64, 8, torch.bfloat16),
+    (2, 70, 1, 4, 128, 8, torch.float32),
+    (1, 201, 2, 4, 128, 8, torch.bfloat16),
+    (2, 37, 2, 3, 128, 5, torch.float16),
+    (1, 130, 2, 4, 128, 64, torch.bfloat16),  # the paper's window R = 64
+    (2, 75, 1, 5, 64, 64, torch.float32),  # Qwen3-14B's group of 5
+]
+
+
+@pytest.mark.parametrize("bq,n,h_kv,group,d,w,dtype", SCORE_CASES)
+@pytest.mark.parametrize("splits", [None, 2])
+def test_score_matches_reference(seed, bq, n, h_kv, group, d, w, dtype, splits):
+    k_buf, v_buf, slots, queries = make_layer(seed, bq=bq, n=n, h_kv=h_kv, group=group, d=d, w=w, dtype=dtype)
+    attn, vrange = score_candidates(k_buf, v_buf, slots, queries, num_splits=splits)
+    ref_attn, ref_vrange = score_candidates_reference(k_buf, v_buf, slots, queries)
+    assert attn.shape == vrange.shape == (bq, h_kv, n) and attn.dtype == torch.float32
+    torch.testing.assert_close(attn, ref_attn, rtol=1e-4, atol=1e-7, msg=lambda m: f"seed={seed}: {m}")
+    assert torch.equal(vrange, ref_vrange), f"seed={seed}"
+    assert torch.isinf(vrange[..., :4]).all()
+
+
+@pytest.mark.parametrize("temperature,n_sink,smoothing", [(0.5, 0, 1), (2.0, 7, 3), (1.0, 4, 5)])
+def test_score_options(seed, temperature, n_sink, smoothing):
+    k_buf, v_buf, slots, queries = make_layer(seed, bq=2, n=90, h_kv=2, group=2, d=64, w=8, dtype=torch.float32)
+    opts = dict(temperature=temperature, n_sink=n_sink, smoothing=smoothing)
+    attn, vrange = score_candidates(k_buf, v_buf, slots, queries, num_splits=2, **opts)
+    ref_attn, ref_vrange = score_candidates_reference(k_buf, v_buf, slots, queries, **opts)
+    torch.testing.assert_close(attn, ref_attn, rtol=1e-4, atol=1e-7, msg=lambda m: f"seed={seed}: {m}")
+    assert torch.equal(vrange, ref_vrange), f"seed={seed}"
+
+
+def test_score_single_partial_tile(seed):
+    """Fewer candidates than one tile, and more splits asked for than there are tiles."""
+    k_buf, v_buf, slots, queries = make_layer(seed, bq=2, n=3, h_kv=1, group=2, d=64, w=8, dtype=torch.float32)
+    attn, vrange = score_candidates(k_buf, v_buf, slots, queries, num_splits=4)
+    ref_attn, ref_vrange = score_candidates_reference(k_buf, v_buf, slots, queries)
+    torch.testing.assert_close(attn, ref_attn, rtol=1e-4, atol=1e-7, msg=lambda m: f"seed={seed}: {m}")
+    assert torch.equal(vrange, ref_vrange), f"seed={seed}"
+
+
+def random_keep(seed, bq, h_kv, n, k, device=DEVICE):
+    """Distinct indices per (request, head) in no particular order, like [large ++ sampled]."""
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(bq * h_kv)]).view(bq, h_kv, k)
+    return keep.to(device)
+
+
+@pytest.mark.parametrize("bq,n,h_kv,d,k,dtype,slot_dtype", [
+    (3, 100, 2, 64, 40, torch.bfloat16, torch.int32),
+    (2, 77, 3, 128, 76, torch.float32, torch.int64),
+    (1, 50, 1, 64, 1, torch.float16, torch.int32),
+])
+def test_compaction_matches_semantics(seed, bq, n, h_kv, d, k, dtype, slot_dtype):
+    k_buf, v_buf, slots, _ = make_layer(seed, bq=bq, n=n, h_kv=h_kv, group=1, d=d, w=1, dtype=dtype)
+    slots = slots.to(slot_dtype)
+    keep = random_keep(seed, bq, h_kv, n, k)
+    keep[0, 0] = torch.arange(k, device=keep.device)  # a head that keeps its first K in place must not change
+    old_k, old_v = k_buf.clone(), v_buf.clone()
+
+    compact_(k_buf, v_buf, slots, keep)
+
+    exp_k, exp_v = old_k.clone(), old_v.clone()
+    compact_reference_(exp_k, exp_v, slots, keep)
+    assert torch.equal(k_buf, exp_k) and torch.equal(v_buf, exp_v), f"seed={seed}"
+    # The reference itself against the definition, row by row.
+    for b in range(bq):
+        for h in range(h_kv):
+            src = slots[b, keep[b, h]].long()
+            dst = slots[b, :k].long()
+            assert torch.equal(exp_k[dst, h], old_k[src, h]), f"seed={seed}"
+            assert torch.equal(exp_v[dst, h], old_v[src, h]), f"seed={seed}"
+    # Only the batch's first K slots are written: the rest of its rows and the other requests' slots
+    # (the pool outside the batch) keep their contents.
+    written = torch.zeros(k_buf.shape[0], dtype=torch.bool, device=k_buf.device)
+    written[slots[:, :k].long().flatten()] = True
+    assert torch.equal(k_buf[~written], old_k[~written]), f"seed={seed}"
+    assert torch.equal(v_buf[~written], old_v[~written]), f"seed={seed}"
+    assert torch.equal(k_buf[slots[0].long(), 0], old_k[slots[0].long(), 0]), f"seed={seed}"
+
+
+def test_fallback_is_reference(seed, monkeypatch):
+    """CPU tensors without the interpreter take the torch path, bit for bit the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    k_buf, v_buf, slots, queries = make_layer(seed, bq=2, n=90, h_kv=2, group=3, d=64, w=8,
+                                              dtype=torch.bfloat16, device="cpu")
+    got = score_candidates(k_buf, v_buf, slots, queries)
+    want = score_candidates_reference(k_buf, v_buf, slots, queries)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), f"seed={seed}"
+
+    keep = random_keep(seed, 2, 2, 90, 30, device="cpu")
+    k1, v1 = k_buf.clone(), v_buf.clone()
+    compact_(k1, v1, slots, keep)
+    compact_reference_(k_buf, v_buf, slots, keep)
+    assert torch.equal(k1, k_buf) and torch.equal(v1, v_buf), f"seed={seed}"
+
+
+def test_rejects_bad_shapes():
+    k_buf, v_buf, slots, queries = make_layer(0, bq=1, n=10, h_kv=2, group=2, d=64, w=4, dtype=torch.float32)
+    with pytest.raises(ValueError):
+        score_candidates(k_buf, v_buf, slots, queries[..., :32])
+    with pytest.raises(ValueError):
+        score_candidates(k_buf, v_buf, slots, queries, smoothing=4)
+    with pytest.raises(ValueError):
+        compact_(k_buf, v_buf, slots, torch.zeros(1, 2, 11, dtype=torch.int64, device=k_buf.device))
+
+
+def compile_for_sm90():
+    """Compile every kernel for an H100 without a GPU: the interpreter never runs the 16-bit tensor-core
+    branch, and it accepts code that the compiler rejects. Needs triton's bundled ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from sglang_vase.kernels import compaction, scoring
+
+    def build(fn, types, consts, num_warps):
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        # Pointers 16-byte aligned, as triton specialises them at launch: the vectorised code path.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+    for dt, f32, block_n in (("bf16", False, 64), ("fp16", False, 64), ("fp32", True, 32)):
+        types = {"k_ptr": "*" + dt, "v_ptr": "*" + dt, "q_ptr": "*" + dt, "tk_ptr": "*" + dt, "tv_ptr": "*" + dt,
+                 "slot_ptr": "*i32", "keep_ptr": "*i64", "qk_scale": "fp32", "inv_count": "fp32"}
+        types.update({n: "*fp32" for n in ("m_ptr", "l_ptr", "score_ptr", "vrange_ptr")})
+        common = dict(GROUP=5, D=128, BLOCK_D=128, BLOCK_W=64, BLOCK_N=block_n, F32=f32)
+        build(scoring._stats_kernel, types, dict(H_Q=40, **common), scoring.NUM_WARPS)
+        build(scoring._probs_kernel, types, dict(H_KV=8, BLOCK_S=16, **common), scoring.NUM_WARPS)
+        copy = dict(H_KV=8, D=128, BLOCK_D=128, BLOCK_K=compaction.BLOCK_K)
+        build(compaction._gather_kernel, types, copy, 4)
+        build(compaction._scatter_kernel, types, copy, 4)
+    build(scoring._smooth_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"}, dict(KERNEL=5, BLOCK=scoring.SMOOTH_BLOCK), 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the tests above run the compiled kernels")
+def test_kernels_compile_for_sm90():
+    # A fresh process: kernels defined under TRITON_INTERPRET=1 cannot be compiled.
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    compile_for_sm90()
