@@ -106,6 +106,11 @@ def request_params(custom_params: dict | None, defaults: VaseParams) -> VasePara
     if "policy" in override and not isinstance(override["policy"], str):
         raise ValueError(f"custom_params.vase.policy must be a string, got {override['policy']!r}")
     merged = dataclasses.replace(defaults, **override)
+    if merged.window > defaults.window:
+        raise ValueError(
+            f"custom_params.vase.window ({merged.window}) must not exceed the server's --vase-window "
+            f"({defaults.window}), the size of its query ring"
+        )
     if "budget" in override and "n_large" not in override:
         merged = dataclasses.replace(merged, n_large=None)  # re-derive budget // 4
     try:

@@ -73,8 +73,10 @@ class Server:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def generate(self, text, max_new_tokens=32, vase=None, timeout=600, **sampling) -> dict:
-        body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, **sampling}}
+    def generate(self, text, max_new_tokens=32, vase=None, timeout=600, extra=None, **sampling) -> dict:
+        """Greedy by default; ``sampling`` goes into sampling_params, ``extra`` into the body."""
+        body = {**({"text": text} if text is not None else {}), "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, **sampling},
+                **(extra or {})}
         if vase is not None:
             body["sampling_params"]["custom_params"] = {"vase": vase}
         r = requests.post(f"{self.url}/generate", json=body, timeout=timeout)

@@ -16,6 +16,7 @@ state every request of one budget evicts at n = B + R, so a round is one batch.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ import torch
 from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_
+
+# Debugging and tests: save every eviction's keep sets here (one file per request and eviction),
+# so a reference can replay exactly what the engine kept. Costs a device-to-host copy per layer.
+TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
 
 
 @dataclass
@@ -62,12 +67,18 @@ def evict(
         evictions = torch.tensor([e.state.evictions for e in members], dtype=torch.int64, device=dev)
         slots = req_to_token[rows, :n].long()  # [Bq, n]
         cand = slots[:, : n - r]
+        last = n - 1 + device.position_offset[rows]  # true position of each request's newest token
+        trace = [] if os.environ.get(TRACE_DIR_ENV) else None
         for layer, (k_buf, v_buf) in enumerate(zip(k_buffers, v_buffers)):
             keys = k_buf[cand].permute(0, 2, 1, 3)  # [Bq, H_kv, N, D]
             values = v_buf[cand].permute(0, 2, 1, 3)
-            queries = device.ring[rows, layer].permute(0, 2, 1, 3) if policy.needs_queries else None
+            queries = device.window_queries(rows, layer, last, r) if policy.needs_queries else None
             keep = select_keep(policy, keys, values, queries, seeds, evictions, layer)
             compact_(k_buf, v_buf, cand, keep)
+            if trace is not None:
+                trace.append(keep.cpu())
+        if trace is not None:
+            _save_trace(members, n, torch.stack(trace, dim=1))
         # Recency buffer: slots n-R..n-1 move to columns K..B-1 by index.
         req_to_token[rows, k:b] = slots[:, n - r : n].to(req_to_token.dtype)
         device.position_offset[rows] += n - b
@@ -76,3 +87,13 @@ def evict(
             e.state.evictions += 1
             e.state.evicted_tokens += n - b
     return torch.cat(freed)
+
+
+def _save_trace(members: list[Eviction], n: int, keep: torch.Tensor) -> None:
+    """keep: ``[Bq, L, H_kv, K]``."""
+    folder = os.environ[TRACE_DIR_ENV]
+    for j, e in enumerate(members):
+        torch.save(
+            {"rid": e.state.rid, "eviction": e.state.evictions, "length": n, "keep": keep[j].clone()},
+            os.path.join(folder, f"{e.state.rid}-{e.state.evictions}.pt"),
+        )

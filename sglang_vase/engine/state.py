@@ -33,6 +33,7 @@ def derive_seed(rid: str, server_seed: int | None) -> int:
 class RequestState:
     params: VaseParams
     seed: int
+    rid: str
     slot_bound: int = 0  # max(prompt, B) + R, set at admission (the prompt grows after a retraction)
     evictions: int = 0
     evicted_tokens: int = 0
@@ -79,6 +80,16 @@ class DeviceState:
         in_tail = positions >= token_ends - self.window
         target_rows = torch.where(in_tail, token_rows, torch.zeros_like(token_rows))
         self.ring[target_rows, layer, positions % self.window] = q.to(self.ring.dtype)
+
+    def window_queries(self, rows: torch.Tensor, layer: int, last: torch.Tensor, window: int) -> torch.Tensor:
+        """Queries of the ``window`` tokens up to true position ``last``: ``[Bq, H_q, window, D]``.
+
+        A request's window may be smaller than the ring's (the server's); order is irrelevant to
+        the policies (they average over the window).
+        """
+        offsets = torch.arange(window, device=rows.device)
+        slots = (last[:, None] - offsets[None, :]) % self.window
+        return self.ring[rows[:, None], layer, slots].permute(0, 2, 1, 3)
 
 
 # One model runner per scheduler process (speculative decoding is refused), so one device state.

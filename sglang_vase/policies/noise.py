@@ -47,7 +47,9 @@ def hashed_uniform(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, .
         numel *= s
     idx = torch.arange(numel, device=seed.device, dtype=torch.int64).reshape(shape)
     bits = _lowbias32(_lowbias32(idx ^ key) + key)
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits, so that the largest value, 1 - 2**-24, is exact in fp32 (with 24 bits it rounds to 1.0,
+    # and the Gumbel noise of a 1.0 is +inf).
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -239,23 +239,12 @@ class EvictingDecoder:
         n, budget, window = self.physical_length, self.budget, self.window
         m = n - window  # candidates 0..m-1; the newest R slots are always kept
         k_keep = budget - window
-        seeds = torch.tensor([self.seed], dtype=torch.long, device=self.device)
-        counter = torch.tensor([self.evictions], dtype=torch.long, device=self.device)
         keeps = []
         for l in range(self.n_layers):
             keys, values, pos = self._k[l], self._v[l], self._pos[l]
             keep = self.keep_override(self.evictions, l) if self.keep_override is not None else None
             if keep is None:
-                queries = self._ring[l].permute(1, 0, 2)  # [H_q, R, D]
-                keep = select_keep(
-                    self.policy,
-                    keys[None, :, :m],
-                    values[None, :, :m],
-                    queries[None],
-                    seeds=seeds,
-                    evictions=counter,
-                    layer=l,
-                )[0]
+                keep = self.select_layer(l)
             keep = self._check_keep(keep, m, k_keep, l)
             idx = keep[:, :, None].expand(-1, -1, self.head_dim)
             kept_k = torch.gather(keys[:, :m], 1, idx)
@@ -268,6 +257,20 @@ class EvictingDecoder:
         self.keep_log.append(torch.stack(keeps).cpu())
         self.evictions += 1
         self.physical_length = budget
+
+    def select_layer(self, layer: int) -> torch.Tensor:
+        """The policy's keep set ``[H_kv, B - R]`` for ``layer`` from the current cache and ring
+        (what an eviction now would keep, absent an override)."""
+        m = self.physical_length - self.window
+        return select_keep(
+            self.policy,
+            self._k[layer][None, :, :m],
+            self._v[layer][None, :, :m],
+            self._ring[layer].permute(1, 0, 2)[None],  # [1, H_q, R, D]
+            seeds=torch.tensor([self.seed], dtype=torch.long, device=self.device),
+            evictions=torch.tensor([self.evictions], dtype=torch.long, device=self.device),
+            layer=layer,
+        )[0]
 
     def _check_keep(self, keep: torch.Tensor, m: int, k_keep: int, layer: int) -> torch.Tensor:
         keep = torch.as_tensor(keep, device=self.device)
