@@ -374,6 +374,10 @@ def test_hashed_uniform(seed):
     seeds, streams = torch.tensor([seed, seed, seed + 1]), torch.tensor([0, 1, 0])
     batched = noise.hashed_uniform(seeds, streams, (100_000,))
     torch.testing.assert_close(batched, torch.stack([u, other_stream, other_seed]))
+    # Regression: draw 404772 of seed 13 has all top 24 bits set; mapped with 24 bits it became 1.0
+    # (fp32 rounds 1 - 2**-25 up), whose Gumbel noise is +inf.
+    extreme = noise.hashed_uniform(torch.tensor(13), torch.tensor(0), (404_773,))
+    assert extreme.max() < 1 and torch.isfinite(noise.gumbel(torch.tensor(13), torch.tensor(0), (404_773,))).all()
     z = noise.normal(s, torch.tensor(3), (100_000,))
     assert abs(z.mean()) < 0.02 and abs(z.var() - 1) < 0.03, f"seed={seed}"
     g = noise.gumbel(s, torch.tensor(3), (100_000,))
