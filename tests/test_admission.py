@@ -8,6 +8,7 @@ so more than 3N run at once; plain SGLang on the same pool cannot.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import requests
@@ -62,8 +63,7 @@ def test_more_than_3n_concurrent_without_retraction():
     try:
         results, errors = [], []
         threads = _send(plain, n_requests, results, errors)
-        for t in threads:
-            t.join(timeout=60)
+        time.sleep(60)  # long enough for admission to settle; then stop the run
         requests.post(f"{plain.url}/abort_request", json={"abort_all": True}, timeout=10)
         for t in threads:
             t.join()
