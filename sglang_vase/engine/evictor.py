@@ -24,7 +24,8 @@ import torch
 
 from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
-from sglang_vase.kernels import compact_
+from sglang_vase.kernels import compact_, score_candidates
+from sglang_vase.kernels._dispatch import use_triton
 
 # Debugging and tests: save every eviction's keep sets here (one file per request and eviction),
 # so a reference can replay exactly what the engine kept. Costs a device-to-host copy per layer.
@@ -73,7 +74,8 @@ def evict(
             keys = k_buf[cand].permute(0, 2, 1, 3)  # [Bq, H_kv, N, D]
             values = v_buf[cand].permute(0, 2, 1, 3)
             queries = device.window_queries(rows, layer, last, r) if policy.needs_queries else None
-            keep = select_keep(policy, keys, values, queries, seeds, evictions, layer)
+            keep = select_keep(policy, keys, values, queries, seeds, evictions, layer,
+                               precomputed=kernel_scores(policy, k_buf, v_buf, cand, queries))
             compact_(k_buf, v_buf, cand, keep)
             if trace is not None:
                 trace.append(keep.cpu())
@@ -97,3 +99,13 @@ def _save_trace(members: list[Eviction], n: int, keep: torch.Tensor) -> None:
             {"rid": e.state.rid, "eviction": e.state.evictions, "length": n, "keep": keep[j].clone()},
             os.path.join(folder, f"{e.state.rid}-{e.state.evictions}.pt"),
         )
+
+
+def kernel_scores(policy, k_buf, v_buf, cand, queries) -> dict | None:
+    """On CUDA (or under the Triton interpreter), the attention score and value range straight from
+    the KV pool with the scoring kernel: no [H_q, W, N] probability matrix in memory."""
+    spec = policy.kernel_scoring() if policy.needs_queries else None
+    if spec is None or not use_triton(k_buf, v_buf, cand):
+        return None
+    attn, vrange = score_candidates(k_buf, v_buf, cand, queries.transpose(1, 2), **spec)
+    return {("attention", spec["temperature"], spec["smoothing"]): attn, ("value_range", spec["n_sink"]): vrange}

@@ -29,15 +29,17 @@ def select_keep(
     evictions: torch.Tensor,
     layer: int,
     check: bool = False,
+    precomputed: dict | None = None,
 ) -> torch.Tensor:
     """Keep sets of one layer for a batch of requests.
 
     keys, values: ``[B, H_kv, N, D]`` candidates (physical slots 0..N-1, N = n - window);
     queries: ``[B, H_q, window, D]`` post-RoPE window queries (any order), or None;
     seeds, evictions: int64 ``[B]``: request seed and how many evictions it has had before this one.
+    precomputed: scores the engine's Triton kernel already computed (``Policy.kernel_scoring``).
     Returns int64 ``[B, H_kv, budget - window]``.
     """
     if layer >= _LAYER_STRIDE:
         raise ValueError(f"layer index {layer} exceeds {_LAYER_STRIDE}")
     step = evictions.to(torch.int64) * _LAYER_STRIDE + layer
-    return policy.select_batched(keys, values, queries, seeds, step, check=check)
+    return policy.select_batched(keys, values, queries, seeds, step, check=check, precomputed=precomputed)

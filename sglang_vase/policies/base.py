@@ -23,12 +23,12 @@ Every concrete policy (a subclass that defines ``name``) registers itself in ``R
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from sglang_vase.policies import noise
+from sglang_vase.policies import noise, scoring
 
 # Keys of zero-score candidates in Gumbel-top-k: below any log(positive fp32) + Gumbel noise
 # (>= -104 - 3), above -inf (excluded tokens), and still randomised among themselves.
@@ -51,6 +51,19 @@ class EvictionInputs:
     queries: torch.Tensor | None
     seed: torch.Tensor
     step: torch.Tensor
+    # Scores computed elsewhere from the same inputs (the engine's Triton scoring kernel), keyed
+    # as the two methods below key them; anything absent is computed by the torch reference.
+    precomputed: dict = field(default_factory=dict)
+
+    def attention_scores(self, temperature: float, kernel: int) -> torch.Tensor:
+        """``scoring.attention_scores`` of these candidates and queries."""
+        cached = self.precomputed.get(("attention", temperature, kernel))
+        return cached if cached is not None else scoring.attention_scores(self.keys, self.queries, temperature, kernel)
+
+    def value_range(self, n_sink: int) -> torch.Tensor:
+        """``scoring.value_range`` of these candidates."""
+        cached = self.precomputed.get(("value_range", n_sink))
+        return cached if cached is not None else scoring.value_range(self.values, n_sink)
 
     def noise(self, kind: str, stream: int, shape: tuple[int, ...], per_eviction: bool = True) -> torch.Tensor:
         """Random numbers of ``batch + shape``; ``per_eviction=False`` repeats them at every eviction."""
@@ -113,6 +126,12 @@ class Policy:
         """Score whose top ``n_pinned`` are kept unconditionally (only if ``n_pinned > 0``)."""
         raise NotImplementedError
 
+    def kernel_scoring(self) -> dict | None:
+        """Arguments of the Triton scoring kernel (temperature, smoothing, n_sink) when this policy's
+        scores come from ``x.attention_scores`` / ``x.value_range`` with exactly those, so the
+        engine can compute them with the kernel straight from the KV pool; None otherwise."""
+        return None
+
     # --- shared selection --------------------------------------------------------------------
     def select(
         self,
@@ -140,11 +159,12 @@ class Policy:
         seed: torch.Tensor,
         step: torch.Tensor,
         check: bool = True,
+        precomputed: dict | None = None,
     ) -> torch.Tensor:
         """Batched form: ``[..., H_kv, N, D]`` -> int64 ``[..., H_kv, budget - window]``.
 
         ``check=False`` skips the NaN/inf check, the only one that synchronises with the device
-        (shape checks always run).
+        (shape checks always run). ``precomputed``: see ``EvictionInputs`` and ``kernel_scoring``.
         """
         self.validate(keys, values, queries, check_finite=check)
         batch = keys.shape[:-3]
@@ -154,6 +174,7 @@ class Policy:
             queries,
             torch.as_tensor(seed, dtype=torch.int64, device=keys.device).expand(batch),
             torch.as_tensor(step, dtype=torch.int64, device=keys.device).expand(batch),
+            precomputed or {},
         )
         return self.select_from_scores(x, self.scores(x), self.pin_scores(x) if self.n_pinned else None)
 

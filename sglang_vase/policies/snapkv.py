@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sglang_vase.policies.base import EvictionInputs, Policy, check_float, check_int
-from sglang_vase.policies.scoring import SMOOTHING_KERNEL, attention_scores
+from sglang_vase.policies.scoring import SMOOTHING_KERNEL
 
 
 class SnapKV(Policy):
@@ -30,7 +30,10 @@ class SnapKV(Policy):
         self.smoothing_kernel = smoothing_kernel
 
     def scores(self, x: EvictionInputs):
-        return attention_scores(x.keys, x.queries, self.temperature, self.smoothing_kernel)
+        return x.attention_scores(self.temperature, self.smoothing_kernel)
+
+    def kernel_scoring(self) -> dict | None:
+        return {"temperature": self.temperature, "smoothing": self.smoothing_kernel, "n_sink": self.n_sink}
 
 
 class SnapKVSample(SnapKV):

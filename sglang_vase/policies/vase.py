@@ -7,7 +7,6 @@ import math
 import torch
 
 from sglang_vase.policies.base import EvictionInputs, check_int
-from sglang_vase.policies.scoring import value_range
 from sglang_vase.policies.snapkv import SnapKV
 
 
@@ -37,7 +36,7 @@ class VaSE(SnapKV):
         return self.n_large
 
     def pin_scores(self, x: EvictionInputs) -> torch.Tensor:
-        return value_range(x.values, self.n_sink)
+        return x.value_range(self.n_sink)
 
 
 class VaSETopK(VaSE):
@@ -79,5 +78,8 @@ class EvictLargeV(VaSE):
             )
 
     def scores(self, x: EvictionInputs) -> torch.Tensor:
-        large = torch.topk(value_range(x.values, n_sink=0), self.n_large, dim=-1).indices
+        large = torch.topk(x.value_range(n_sink=0), self.n_large, dim=-1).indices
         return super().scores(x).scatter(-1, large, -math.inf)
+
+    def kernel_scoring(self) -> dict | None:
+        return {**super().kernel_scoring(), "n_sink": 0}  # the plain range: sinks are not forced
