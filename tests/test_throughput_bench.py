@@ -1,0 +1,83 @@
+"""Smoke test of benchmarks/throughput.py: ``--quick`` end to end (both servers, both PNGs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("vase_throughput_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_log_lines():
+    bench = _load()
+    log = (
+        "[2026-01-02 03:04:05.250] Decode batch, #running-req: 3, #token: 410, token usage: 0.41, "
+        "cpu graph: False, gen throughput (token/s): 30.00, #queue-req: 1, \n"
+        "[2026-01-02 03:04:05] Decode batch, #running-req: 2, #token: 300, token usage: 0.30, "
+        "gen throughput (token/s): 20.50, #queue-req: 0,\n"
+        "[2026-01-02 03:04:06.000] KV cache pool is full. Retract requests. #retracted_reqs: 2, "
+        "#new_tokens_gained: 100, #new_token_ratio: 0.5 -> 0.7\n"
+    )
+    steps, retracts = bench.parse_log(log)
+    assert [s["running"] for s in steps] == [3, 2]
+    assert steps[0]["tokens"] == 410 and steps[0]["usage"] == 0.41 and steps[1]["gen_tps"] == 20.5
+    assert steps[1]["t"] - steps[0]["t"] == pytest.approx(-0.25)
+    assert retracts == [{"t": pytest.approx(steps[0]["t"] + 0.75), "n": 2}]
+    assert bench.step_times_ms(steps, 3) == [pytest.approx(100.0)]
+    assert bench.pct([1, 2, 3, 4], 50) == 2.5 and bench.pct([], 50) is None
+
+
+@pytest.mark.slow
+def test_quick_run(tmp_path):
+    bench = _load()
+    out = tmp_path / "throughput.json"
+    result = bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    data = json.loads(out.read_text())
+    assert data["systems"].keys() == result["systems"].keys() == {"sglang", "sglang-vase"}
+
+    for key in ("cpu_count", "torch", "device", "date", "command"):
+        assert key in data["machine"]
+    settings = data["settings"]
+    assert settings["output_len"] == 64 and settings["concurrency_levels"] == [2, 4]
+
+    for system, entry in data["systems"].items():
+        assert set(entry["levels"]) == {"2", "4"}, system
+        for n, level in entry["levels"].items():
+            assert level["requests"] == int(n)
+            assert level["output_tokens"] == int(n) * 64, (system, n)  # ignore_eos: full-length outputs
+            assert level["output_tok_s"] > 0
+            assert 1 <= level["max_running_requests"] <= int(n)
+            assert level["mean_running_requests"] > 0
+            assert level["retractions_meta_info"] >= 0 and level["retraction_events_log"] >= 0
+            assert 0 < level["peak_kv_tokens"] <= settings["pool_tokens"]
+            assert 0 < level["peak_token_usage"] <= 1
+            for metric in ("ttft_ms", "tpot_ms"):
+                assert level[metric]["p50"] > 0 and level[metric]["p90"] >= level[metric]["p50"]
+            assert len(level["trace"]["t_s"]) == len(level["trace"]["token_usage"]) > 0
+
+    vase_levels = data["systems"]["sglang-vase"]["levels"]
+    assert all(level["vase"]["evictions_total"] > 0 for level in vase_levels.values())
+    assert set(data["ratio_vase_vs_sglang_tok_s"]) == {"2", "4"}
+    assert all(r > 0 for r in data["ratio_vase_vs_sglang_tok_s"].values())
+
+    overhead = data["systems"]["sglang-vase"]["overhead"]
+    assert overhead["no_eviction_evictions"] == 0
+    assert overhead["eviction_evictions"] > 0
+    assert overhead["tok_s_ratio_evict_vs_none"] > 0
+    for name in ("eviction", "no_eviction"):
+        assert overhead[name]["step_ms"]["n"] > 0 and overhead[name]["step_ms"]["p50"] > 0
+
+    for path in data["plots"].values():
+        png = Path(path)
+        assert png.parent == tmp_path and png.stat().st_size > 1000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
