@@ -33,6 +33,8 @@ def hook(result, self, batch, *args, **kwargs):
             due.append(Eviction(row=req.kv.req_pool_idx, length=n, state=st))
             index.append(i)
     if not due:
+        if metrics.enabled():
+            metrics.record_kv_used(_held_slots(batch))
         return None
 
     pool = self.token_to_kv_pool_allocator.get_kvcache()
@@ -58,5 +60,11 @@ def hook(result, self, batch, *args, **kwargs):
     batch.seq_lens, batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens, seq_lens_cpu, None
     if orig is not None:
         batch.orig_seq_lens = orig
-    metrics.record_evictions(len(due), int(freed.numel()))
+    if metrics.enabled():
+        metrics.record_evictions(len(due), int(freed.numel()))
+        metrics.record_kv_used(_held_slots(batch))
     return None
+
+
+def _held_slots(batch) -> int:
+    return sum(r.kv.kv_allocated_len for r in batch.reqs if r.kv.holds_kv)

@@ -26,12 +26,14 @@ def init(labels: dict) -> None:
     }
 
 
+def enabled() -> bool:
+    return _COUNTERS is not None
+
+
 def record_evictions(requests: int, freed_slots: int) -> None:
-    if _COUNTERS is not None:
-        _COUNTERS["evictions"].labels(**_LABELS).inc(requests)
-        _COUNTERS["freed"].labels(**_LABELS).inc(freed_slots)
+    _COUNTERS["evictions"].labels(**_LABELS).inc(requests)
+    _COUNTERS["freed"].labels(**_LABELS).inc(freed_slots)
 
 
 def record_kv_used(slots: int) -> None:
-    if _COUNTERS is not None:
-        _COUNTERS["kv_used"].labels(**_LABELS).set(slots)
+    _COUNTERS["kv_used"].labels(**_LABELS).set(slots)

@@ -171,6 +171,7 @@ def test_prometheus_counters(vase_server):
              if line.startswith("sglang:vase_freed_slots_total")]
     assert evictions and sum(evictions) >= 9
     assert freed and sum(freed) >= 9 * 16
+    assert any(line.startswith("sglang:vase_kv_used_slots") for line in metrics.splitlines())
 
 
 def test_seed_reproduces_evictions(vase_server):
