@@ -181,7 +181,7 @@ class Policy:
     def select_from_scores(
         self, x: EvictionInputs, scores: torch.Tensor, pin_scores: torch.Tensor | None
     ) -> torch.Tensor:
-        """Selection given precomputed scores (the Triton scoring kernel feeds this too)."""
+        """The shared selection step, given the policy's scores and pin scores."""
         k = self.n_keep
         scores = scores.float()
         parts = []
