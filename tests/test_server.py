@@ -255,19 +255,9 @@ def test_retraction_resets_and_stays_consistent():
         server.stop()
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--vase-budget", "100", "--vase-window", "32"], "multiple"),
-        (["--vase-policy", "nope"], "invalid choice"),
-        (["--vase-budgett", "64"], "unknown sglang-vase flag"),
-        (["--page-size", "16"], "page-size"),
-        (["--enable-mixed-chunk"], "mixed"),
-        (["--speculative-algorithm", "EAGLE"], "speculative"),
-    ],
-)
-def test_bad_flags_fail_at_startup(flags, message):
-    proc = subprocess.run([sys.executable, "-m", "sglang_vase.launch_server", *flags],
-                          capture_output=True, text=True, timeout=120)
+def test_bad_flags_fail_at_startup():
+    """The launcher exits with a usage error and a message (tests/test_launcher.py covers each flag)."""
+    proc = subprocess.run([sys.executable, "-m", "sglang_vase.launch_server", "--vase-budget", "100",
+                           "--vase-window", "32"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert message in proc.stderr, proc.stderr
+    assert "multiple" in proc.stderr, proc.stderr
