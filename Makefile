@@ -8,7 +8,7 @@ ARGS  ?=
 # Extra pytest flags for `make test`, e.g. PYTEST_ARGS="-m 'not slow'"
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test bench clean
+.PHONY: install model serve test clean
 
 install:
 	@VENV=$(VENV) bash scripts/install.sh $(ROUTE)
