@@ -106,7 +106,9 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         added = [f for f, v in (("--device", "cpu"), ("--attention-backend", "torch_native"),
                                 ("--disable-cuda-graph", None), ("--max-total-tokens", CPU_MAX_TOTAL_TOKENS),
-                                ("--max-running-requests", CPU_MAX_RUNNING_REQUESTS)) if _ensure(argv, f, v)]
+                                ("--max-running-requests", CPU_MAX_RUNNING_REQUESTS),
+                                # An idle scheduler otherwise spins a whole core the model needs.
+                                ("--sleep-on-idle", None)) if _ensure(argv, f, v)]
         notes.append(f"no CUDA device: CPU route (SGLANG_USE_CPU_ENGINE=1{', ' if added else ''}{' '.join(added)})")
 
     if params.enabled:

@@ -17,7 +17,7 @@ def test_cpu_route_and_eviction_flags_are_added():
     assert params == VaseParams(budget=512, window=64)
     assert json.loads(env[ENV_VAR])["budget"] == 512
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
-    for flag in ("--device", "--attention-backend", "--disable-cuda-graph", "--max-total-tokens",
+    for flag in ("--device", "--attention-backend", "--disable-cuda-graph", "--max-total-tokens", "--sleep-on-idle",
                  "--disable-radix-cache", "--disable-overlap-schedule", "--page-size"):
         assert flag in argv
     assert not any(a.startswith("--vase") for a in argv)
