@@ -1,8 +1,15 @@
-"""``PrefillAdder.add_one_req`` (sglang 0.5.23): reserve a new evicting request's exact slot bound.
+"""``PrefillAdder.add_one_req`` (sglang 0.5.23): admit a new evicting request by its exact slot
+bound (``prefill_adder.reserve_as_bounded``), and only while a query-ring row is free for it.
 
-See ``prefill_adder.reserve_as_bounded``.
+A request that scores with queries and can reach its trigger needs a ring row from its prefill on
+(``state.needs_ring_row``); rows are bound when its req_to_token row is (``req_to_token_pool_alloc``).
+When none is left the adder stops with NO_TOKEN, as for memory: rows come back as requests finish.
 """
 
+from sglang.srt.managers.schedule_policy import AddReqResult
+
+from sglang_vase.engine import state
+from sglang_vase.engine.state import needs_ring_row
 from sglang_vase.patches.prefill_adder import reserve_as_bounded
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
@@ -10,5 +17,9 @@ HOOK_TYPE = "AROUND"
 
 
 def hook(original, self, req, *args, **kwargs):
+    if needs_ring_row(req):
+        pending = sum(1 for r in self.can_run_list if needs_ring_row(r))
+        if state.DEVICE.free_ring_rows() - pending <= 0:
+            return AddReqResult.NO_TOKEN
     with reserve_as_bounded(req):
         return original(self, req, *args, **kwargs)

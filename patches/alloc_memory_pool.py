@@ -1,15 +1,23 @@
 """``ModelRunner.alloc_memory_pool`` (sglang 0.5.23): allocate the query ring and position offsets.
 
 Right after the KV pool exists and before attention backends and CUDA graphs are set up, so the
-ring's writes are captured into the decode graph. Sized to the req_to_token rows
-(max_running_requests + 1), not to a fixed request count.
+ring's writes are captured into the decode graph. The ring has one row per request that can evict
+at once (``engine.memory``: pool // (B + R), at most one per running request), plus the scratch row;
+its bytes were charged to the KV budget before the pool was sized (``config_from_budget``).
 """
+
+import logging
+
+from sglang.srt.runtime_context import get_parallel
 
 from sglang_vase.config import server_defaults
 from sglang_vase.engine import state
+from sglang_vase.engine.memory import ModelShape
 
 TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
 HOOK_TYPE = "AFTER"
+
+logger = logging.getLogger(__name__)
 
 
 def hook(result, self, *args, **kwargs):
@@ -17,20 +25,40 @@ def hook(result, self, *args, **kwargs):
         return
     from sglang.srt.layers.radix_attention import RadixAttention
 
+    defaults = server_defaults()
+    parallel = get_parallel()
+    shape = ModelShape.from_model_config(self.model_config, parallel.tp_size)
     # The attention layers know their per-rank query heads (after tensor parallelism).
     attn = next(m for m in self.model.modules() if isinstance(m, RadixAttention))
     pool = self.token_to_kv_pool
+    plan = defaults.memory_plan(shape)
+    rows = self.req_to_token_pool.req_to_token.shape[0]
+    ring_rows = plan.rows_for(self.max_total_num_tokens, rows - 1)
     state.DEVICE = state.DeviceState(
-        rows=self.req_to_token_pool.req_to_token.shape[0],
+        rows=rows,
+        ring_rows=ring_rows,
         num_layers=pool.layer_num,
-        window=max_window(),
+        window=defaults.window,
         num_q_heads=attn.tp_q_head_num,
         head_dim=attn.qk_head_dim,
-        dtype=pool.dtype,
+        dtype=self.model_config.dtype,
         device=self.device,
+        head_offset=kv_head_offset(parallel.tp_rank, parallel.tp_size, self.model_config.get_total_num_kv_heads()),
+    )
+    kv_bytes = self.max_total_num_tokens * shape.kv_cell_bytes(pool.store_dtype.itemsize)
+    ring = state.DEVICE.ring_bytes
+    logger.info(
+        "sglang-vase: query ring %d rows + 1 scratch (pool %d tokens // (B %d + R %d), at most %d running) "
+        "x %s %s = %.1f MiB, %.2f%% of the KV pool (%.1f MiB); eviction workspace %.0f MiB",
+        ring_rows, self.max_total_num_tokens, defaults.budget, defaults.window, rows - 1,
+        tuple(state.DEVICE.ring.shape[1:]), self.model_config.dtype, ring / 2**20,
+        100.0 * ring / max(kv_bytes, 1), kv_bytes / 2**20, plan.workspace_bytes / 2**20,
     )
 
 
-def max_window() -> int:
-    """Requests may choose their window up to the server's (the ring is allocated once)."""
-    return server_defaults().window
+def kv_head_offset(tp_rank: int, tp_size: int, total_kv_heads: int) -> int:
+    """Global index of this rank's first KV head. With more ranks than KV heads SGLang replicates
+    each head over tp_size // total_kv_heads consecutive ranks, which then draw the same noise."""
+    if tp_size <= total_kv_heads:
+        return tp_rank * (total_kv_heads // tp_size)
+    return tp_rank // (tp_size // total_kv_heads)

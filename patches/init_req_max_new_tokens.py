@@ -12,6 +12,11 @@ TARGET = "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens"
 HOOK_TYPE = "AROUND"
 
 
+def slot_capacity(scheduler) -> int:
+    """Most slots one request can ever hold: the pool, and its req_to_token row."""
+    return min(scheduler.max_total_num_tokens, scheduler.req_to_token_pool.req_to_token.shape[1])
+
+
 def hook(original, self, req, *args, **kwargs):
     st = request_state(req)
     requested = req.sampling_params.max_new_tokens
@@ -19,8 +24,8 @@ def hook(original, self, req, *args, **kwargs):
     if st is None or req.to_finish is not None:
         return
     input_len = len(req.origin_input_ids)
-    bound = st.params.slot_bound(input_len)
-    capacity = min(self.max_total_num_tokens, self.req_to_token_pool.req_to_token.shape[1])
+    bound = st.slot_bound()
+    capacity = slot_capacity(self)
     if bound > capacity:
         req.set_finish_with_abort(
             f"sglang-vase: this request can hold up to max(prompt={input_len}, budget="

@@ -2,12 +2,16 @@
 
 SGLang reserves, for every running and new request, up to 4096 future tokens
 (SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION) scaled by ``new_token_ratio``. An evicting request never
-holds more than C = max(prompt, B) + R slots, so it needs only C minus what it holds now. This
-module's ``hook`` patches the running-request estimate; ``add_one_req.py`` uses
-``reserve_as_bounded`` for the new request.
+holds more than its slot bound (max(prefill, B) + R, then B + R once it has evicted), so it needs
+exactly that bound minus what it holds now, however large, and no more. This module's ``hook``
+patches the running-request estimate; ``add_one_req.py`` and ``add_chunked_req.py`` use
+``reserve_as_bounded`` for the new request, ``add_one_req_ignore_eos.py`` keeps the evicting
+requests out of SGLang's whole-lifetime simulation for eviction-disabled ``ignore_eos`` requests.
 """
 
 from contextlib import contextmanager
+
+from sglang.srt.managers import schedule_policy
 
 from sglang_vase.engine.state import request_state
 
@@ -16,9 +20,15 @@ HOOK_TYPE = "AROUND"
 
 
 def future_tokens(req, st) -> int:
-    """Slots the request may still add: bounded by its slot bound and its remaining output."""
+    """Slots a running request may still add: bounded by its slot bound and its remaining output."""
     remaining_output = max(0, req.sampling_params.max_new_tokens - len(req.output_ids))
-    return min(remaining_output, max(0, st.slot_bound - req.kv.kv_allocated_len))
+    return min(remaining_output, max(0, st.slot_bound() - req.kv.kv_allocated_len))
+
+
+def admission_growth(req, st) -> int:
+    """Slots a request being admitted may add after its prefill."""
+    remaining_output = max(0, req.sampling_params.max_new_tokens - len(req.output_ids))
+    return min(remaining_output, max(0, st.slot_bound() - len(req.full_untruncated_fill_ids)))
 
 
 def hook(original, self, req, *args, **kwargs):
@@ -32,21 +42,21 @@ def hook(original, self, req, *args, **kwargs):
 def reserve_as_bounded(req):
     """Make SGLang's admission reserve the request's exact future slots, then restore it.
 
-    Admission reads ``max_new_tokens - len(output_ids)`` as the future growth (and takes a separate
-    whole-lifetime simulation path for ignore_eos requests); presenting the bound there keeps every
-    admission check, chunking rule and budget update of SGLang's own code.
+    Admission reads ``max_new_tokens - len(output_ids)`` as the future growth, clipped at
+    CLIP_MAX_NEW_TOKENS (and takes a separate whole-lifetime simulation path for ignore_eos
+    requests); presenting the bound there, with the clip lifted to it, keeps every admission check,
+    chunking rule and budget update of SGLang's own code.
     """
     st = request_state(req)
     if st is None:
         yield
         return
     sp = req.sampling_params
-    prompt = len(req.full_untruncated_fill_ids)
-    st.slot_bound = st.params.slot_bound(prompt)
-    saved = (sp.max_new_tokens, sp.ignore_eos)
-    growth = min(max(0, sp.max_new_tokens - len(req.output_ids)), max(0, st.slot_bound - prompt))
+    growth = admission_growth(req, st)
+    saved = (sp.max_new_tokens, sp.ignore_eos, schedule_policy.CLIP_MAX_NEW_TOKENS)
     sp.max_new_tokens, sp.ignore_eos = len(req.output_ids) + growth, False
+    schedule_policy.CLIP_MAX_NEW_TOKENS = max(saved[2], sp.max_new_tokens)
     try:
         yield
     finally:
-        sp.max_new_tokens, sp.ignore_eos = saved
+        sp.max_new_tokens, sp.ignore_eos, schedule_policy.CLIP_MAX_NEW_TOKENS = saved

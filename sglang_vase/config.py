@@ -16,11 +16,16 @@ import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from sglang_vase.policies import POLICIES, get_policy, policy_params
 from sglang_vase.policies.base import Policy
 
+if TYPE_CHECKING:
+    from sglang_vase.engine.memory import ModelShape, Plan
+
 ENV_VAR = "SGLANG_VASE_CONFIG"
+DEFAULT_WORKSPACE_MB = 256
 DISABLED = "none"
 # Fields a request may set in custom_params["vase"]; sort_kept is a server-wide choice.
 REQUEST_FIELDS = ("policy", "budget", "window", "n_large", "seed")
@@ -35,7 +40,10 @@ class VaseParams:
     window: int = 64
     n_large: int | None = None  # None: the policy's default (budget // 4 for vase)
     seed: int | None = None  # None: a seed derived from the request id
+    # Server-wide only (not settable per request):
     sort_kept: bool = False
+    ring_rows: int | None = None  # query-ring rows; None: what the pool holds at this budget
+    workspace_mb: int = DEFAULT_WORKSPACE_MB  # bound on one eviction round's transient memory
 
     @property
     def enabled(self) -> bool:
@@ -49,6 +57,13 @@ class VaseParams:
         """Most KV slots the request can ever hold: max(prompt, B) + R (VASE_SPEC, static footprint)."""
         return max(prompt_len, self.budget) + self.window
 
+    def memory_plan(self, shape: "ModelShape") -> "Plan":
+        """How the query ring and the eviction workspace share the KV budget (``engine.memory``)."""
+        from sglang_vase.engine.memory import Plan
+
+        return Plan(budget=self.budget, window=self.window, ring_row_bytes=shape.ring_row_bytes(self.window),
+                    workspace_bytes=self.workspace_mb << 20, ring_rows=self.ring_rows)
+
     def validate(self) -> "VaseParams":
         if self.policy != DISABLED and self.policy not in POLICIES:
             raise ValueError(
@@ -56,6 +71,11 @@ class VaseParams:
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"vase seed must be a non-negative integer, got {self.seed!r}")
+        if self.ring_rows is not None and (isinstance(self.ring_rows, bool) or not isinstance(self.ring_rows, int)
+                                           or self.ring_rows < 0):
+            raise ValueError(f"vase ring_rows must be a non-negative integer, got {self.ring_rows!r}")
+        if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb < 1:
+            raise ValueError(f"vase workspace_mb must be a positive integer, got {self.workspace_mb!r}")
         if self.enabled:
             self.build_policy()
         return self
@@ -87,6 +107,8 @@ def request_params(custom_params: dict | None, defaults: VaseParams) -> VasePara
 
     Raises ValueError with a message naming the field, which SGLang turns into an HTTP 400.
     """
+    if custom_params is not None and not isinstance(custom_params, dict):
+        raise ValueError(f"sampling_params.custom_params must be an object, got {custom_params!r}")
     override = (custom_params or {}).get("vase")
     if override is None or override is True:
         return defaults

@@ -24,6 +24,14 @@ logger = logging.getLogger("sglang_vase")
 # CPU-route sizes: enough for tests and demos on a small machine (SGLang would take ~70% of RAM).
 CPU_MAX_TOTAL_TOKENS = "65536"
 CPU_MAX_RUNNING_REQUESTS = "64"
+# SGLang's CPU route, as this launcher sets it up; tests and benchmarks start plain SGLang with
+# these too (sglang_vase.serving). An idle scheduler otherwise spins a whole core the model needs.
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+CPU_FLAGS = (("--device", "cpu"), ("--attention-backend", "torch_native"), ("--disable-cuda-graph", None),
+             ("--sleep-on-idle", None))
+CPU_SIZE_FLAGS = (("--max-total-tokens", CPU_MAX_TOTAL_TOKENS), ("--max-running-requests", CPU_MAX_RUNNING_REQUESTS))
+# The embedded 135M model has an 8k context: the paper's B = 4096 would never evict in a demo.
+EMBEDDED_BUDGET, EMBEDDED_WINDOW = 128, 32
 
 # Flags eviction cannot honour: (flag, reason). A flag given with a false-y value is fine.
 REFUSED_FLAGS = {
@@ -33,6 +41,17 @@ REFUSED_FLAGS = {
     "--enable-dp-attention": "DP attention is not supported with eviction yet",
     "--enable-radix-cache": "a compacted row must never enter the radix tree (prefix sharing is not supported yet)",
 }
+# Flags whose value must be one of these with eviction: (allowed values, reason).
+VALUED_FLAGS = {
+    "--page-size": (("1",), "token-level eviction needs --page-size 1"),
+    "--pp-size": (("1",), "pipeline parallelism cannot be used with KV eviction yet"),
+    "--pipeline-parallel-size": (("1",), "pipeline parallelism cannot be used with KV eviction yet"),
+    "--attn-dp-size": (("1",), "DP attention is not supported with eviction yet"),
+    "--attention-data-parallel-size": (("1",), "DP attention is not supported with eviction yet"),
+    "--disaggregation-mode": (("null",), "prefill/decode disaggregation is not supported with eviction yet"),
+    "--cuda-graph-backend-prefill": (("disabled",), "a prefill CUDA graph would record its capture batch's "
+                                     "queries into the query ring (decode graphs stay on)"),
+}
 
 
 def vase_parser() -> argparse.ArgumentParser:
@@ -40,16 +59,23 @@ def vase_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sglang-vase (KV-cache eviction)")
     g.add_argument("--vase-policy", default="vase", choices=sorted(POLICIES) + [DISABLED],
                    help="eviction policy for requests that do not choose one; 'none' = plain SGLang")
-    g.add_argument("--vase-budget", type=int, default=VaseParams.budget,
-                   help="B: KV slots kept per request, layer and KV head after an eviction")
-    g.add_argument("--vase-window", type=int, default=VaseParams.window,
-                   help="R: recency window = observation window = eviction period; B > R, B %% R == 0")
+    g.add_argument("--vase-budget", type=int, default=None,
+                   help=f"B: KV slots kept per request, layer and KV head after an eviction (default "
+                        f"{VaseParams.budget}; {EMBEDDED_BUDGET} when serving the embedded model)")
+    g.add_argument("--vase-window", type=int, default=None,
+                   help=f"R: recency window = observation window = eviction period; B > R, B %% R == 0 "
+                        f"(default {VaseParams.window}; {EMBEDDED_WINDOW} for the embedded model)")
     g.add_argument("--vase-n-large", type=int, default=None,
                    help="slots pinned for the largest-magnitude values (default budget // 4)")
     g.add_argument("--vase-seed", type=int, default=None,
                    help="server seed: requests without their own seed derive one from it and their id")
     g.add_argument("--vase-sort-kept", action="store_true",
                    help="store kept tokens in position order (default: [pinned, sampled], as the paper's code)")
+    g.add_argument("--vase-ring-rows", type=int, default=None,
+                   help="query-ring rows = requests that can evict at once (default: KV pool // (B + R), "
+                        "at most --max-running-requests); raise it when requests ask for smaller budgets")
+    g.add_argument("--vase-workspace-mb", type=int, default=VaseParams.workspace_mb,
+                   help="bound on one eviction round's transient memory, charged to the KV budget")
     return p
 
 
@@ -64,12 +90,12 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def _ensure(argv: list[str], flag: str, value: str | None = None) -> bool:
-    """Append ``flag [value]`` unless present; True when it was added."""
+def _ensure(argv: list[str], flag: str, value: str | None = None) -> str | None:
+    """Append ``flag [value]`` unless present; the flag as added ('--f v'), or None."""
     if _flag_value(argv, flag) is not None:
-        return False
+        return None
     argv += [flag] if value is None else [flag, value]
-    return True
+    return flag if value is None else f"{flag} {value}"
 
 
 class LaunchError(ValueError):
@@ -82,17 +108,21 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     unknown = [a for a in rest if a.startswith("--vase")]
     if unknown:
         raise LaunchError(f"unknown sglang-vase flag(s) {unknown}; see --help")
+    argv, notes = list(rest), []
+    embedded = _flag_value(argv, "--model-path") is None
+    budget = ns.vase_budget if ns.vase_budget is not None else (EMBEDDED_BUDGET if embedded else VaseParams.budget)
+    window = ns.vase_window if ns.vase_window is not None else (EMBEDDED_WINDOW if embedded else VaseParams.window)
     params = VaseParams(
-        policy=ns.vase_policy, budget=ns.vase_budget, window=ns.vase_window,
-        n_large=ns.vase_n_large, seed=ns.vase_seed, sort_kept=ns.vase_sort_kept,
+        policy=ns.vase_policy, budget=budget, window=window, n_large=ns.vase_n_large, seed=ns.vase_seed,
+        sort_kept=ns.vase_sort_kept, ring_rows=ns.vase_ring_rows, workspace_mb=ns.vase_workspace_mb,
     )
     try:
         params.validate()
     except ValueError as e:
         raise LaunchError(f"invalid --vase-* flags: {e}") from None
 
-    argv, env, notes = list(rest), {ENV_VAR: params.to_json()}, []
-    if _flag_value(argv, "--model-path") is None:
+    env = {ENV_VAR: params.to_json()}
+    if embedded:
         from sglang_vase.models import prepare_default_model
 
         argv += ["--model-path", prepare_default_model(verbose=True)]
@@ -103,30 +133,45 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
 
         cuda_available = torch.cuda.is_available()
     if not cuda_available:
-        env["SGLANG_USE_CPU_ENGINE"] = "1"
-        added = [f for f, v in (("--device", "cpu"), ("--attention-backend", "torch_native"),
-                                ("--disable-cuda-graph", None), ("--max-total-tokens", CPU_MAX_TOTAL_TOKENS),
-                                ("--max-running-requests", CPU_MAX_RUNNING_REQUESTS),
-                                # An idle scheduler otherwise spins a whole core the model needs.
-                                ("--sleep-on-idle", None)) if _ensure(argv, f, v)]
-        notes.append(f"no CUDA device: CPU route (SGLANG_USE_CPU_ENGINE=1{', ' if added else ''}{' '.join(added)})")
+        env.update(CPU_ENV)
+        added = [a for f, v in CPU_FLAGS + CPU_SIZE_FLAGS if (a := _ensure(argv, f, v))]
+        notes.append(f"no CUDA device: SGLang's CPU route (SGLANG_USE_CPU_ENGINE=1{', ' if added else ''}{', '.join(added)})")
 
     if params.enabled:
         for flag, why in REFUSED_FLAGS.items():
             value = _flag_value(argv, flag)
             if value is not None and value.lower() not in ("false", "0", "none"):
                 raise LaunchError(f"{flag} cannot be used with KV eviction: {why} (or pass --vase-policy none)")
-        page = _flag_value(argv, "--page-size")
-        if page not in (None, "1"):
-            raise LaunchError(f"--page-size {page}: token-level eviction needs --page-size 1")
-        pp = _flag_value(argv, "--pp-size") or _flag_value(argv, "--pipeline-parallel-size")
-        if pp not in (None, "1"):
-            raise LaunchError("pipeline parallelism cannot be used with KV eviction yet")
-        added = [f for f, v in (("--disable-radix-cache", None), ("--disable-overlap-schedule", None),
-                                ("--page-size", "1")) if _ensure(argv, f, v)]
+        for flag, (allowed, why) in VALUED_FLAGS.items():
+            value = _flag_value(argv, flag)
+            if value is not None and value.lower() not in allowed:
+                raise LaunchError(f"{flag} {value}: {why} (or pass --vase-policy none)")
+        needed = [("--disable-radix-cache", None), ("--disable-overlap-schedule", None), ("--page-size", "1")]
+        if cuda_available:
+            needed.append(("--cuda-graph-backend-prefill", "disabled"))
+        added = [a for f, v in needed if (a := _ensure(argv, f, v))]
         if added:
-            notes.append(f"KV eviction needs {' '.join(added)} (added)")
+            notes.append(f"KV eviction needs {', '.join(added)} (added)")
+        notes.append(f"eviction defaults: policy {params.policy}, --vase-budget {params.budget}, --vase-window "
+                     f"{params.window}, --vase-n-large {params.n_large if params.n_large is not None else 'budget // 4'}, "
+                     f"--vase-seed {params.seed}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
+                     f"{params.ring_rows if params.ring_rows is not None else 'auto'}, --vase-workspace-mb "
+                     f"{params.workspace_mb}" + (" (budget and window sized for the embedded model)"
+                                                 if embedded and ns.vase_budget is None else ""))
+    else:
+        notes.append("--vase-policy none: plain SGLang (requests may not ask for eviction)")
     return params, argv, env, notes
+
+
+def check_model(server_args) -> None:
+    """Refuse models eviction cannot honour before SGLang starts (``compat.model_refusals``)."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from sglang_vase.compat import model_refusals
+
+    reasons = model_refusals(ModelConfig.from_server_args(server_args))
+    if reasons:
+        raise LaunchError(f"KV eviction cannot run with {'; '.join(reasons)} (or pass --vase-policy none)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,8 +189,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     for note in notes:
         logger.info("sglang-vase: %s", note)
-    if params is not None:
-        logger.info("sglang-vase: eviction defaults %s", params)
 
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
@@ -154,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
 
     load_plugins()
     server_args = prepare_server_args(sglang_argv)
+    if params is not None and params.enabled:
+        try:
+            check_model(server_args)
+        except LaunchError as e:
+            vase_parser().exit(2, f"error: {e}\n")
     try:
         run_server(server_args)
     finally:

@@ -28,7 +28,9 @@ def make_engine(seed: int, n: int, budget: int, window: int, rows: list[int]):
     ids = torch.randperm(POOL - 1, generator=g)[: len(rows) * n] + 1  # slot 0 is SGLang's padding
     for i, r in enumerate(rows):
         req_to_token[r, :n] = ids[i * n : (i + 1) * n].int()
-    device = DeviceState(ROWS, LAYERS, window, H_Q, D, torch.float32, DEVICE)
+    device = DeviceState(ROWS, len(rows), LAYERS, window, H_Q, D, torch.float32, DEVICE)
+    for r in rows:
+        device.bind_ring_row(r)
     device.ring.copy_(torch.randn(device.ring.shape, generator=g))
     device.position_offset[rows] = torch.tensor([0, 7, 100][: len(rows)])
     return k_bufs, v_bufs, req_to_token.to(DEVICE), device
@@ -42,10 +44,14 @@ def test_round_rewrites_rows_and_frees_the_middle(policy):
     k_bufs, v_bufs, req_to_token, device = make_engine(seed, n, budget, window, rows)
     old_rows = req_to_token.clone()
     old_k = [b.clone() for b in k_bufs]
-    states = [RequestState(params, seed=s, rid=f"r{s}") for s in (11, 12, 13)]
+    states = [RequestState(params, seed=s, rid=f"r{s}", prefill_len=n) for s in (11, 12, 13)]
+    for r, st in zip(rows, states):
+        st.ring_row = int(device.ring_row[r])
     due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, states)]
 
-    freed = evict(due, req_to_token, k_bufs, v_bufs, device)
+    result = evict(due, req_to_token, k_bufs, v_bufs, device)
+    freed = result.freed_slots()
+    assert not result.failed and result.evicted == due
 
     k = budget - window
     for r in rows:
@@ -74,8 +80,10 @@ def test_kernel_path_keeps_what_the_torch_path_keeps(policy, monkeypatch):
 
     def run():
         k_bufs, v_bufs, req_to_token, device = make_engine(seed, n, budget, window, rows)
-        due = [Eviction(row=r, length=n, state=RequestState(params, seed=s, rid="x")) for r, s in zip(rows, (3, 4))]
-        freed = evict(due, req_to_token, k_bufs, v_bufs, device)
+        states = [RequestState(params, seed=s, rid="x", prefill_len=n, ring_row=int(device.ring_row[r]))
+                  for r, s in zip(rows, (3, 4))]
+        due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, states)]
+        freed = evict(due, req_to_token, k_bufs, v_bufs, device).freed_slots()
         return k_bufs, v_bufs, req_to_token, freed
 
     triton_result = run()  # Triton kernels: CUDA, or the interpreter (tests/conftest.py) on CPU

@@ -30,6 +30,7 @@ def select_keep(
     layer: int,
     check: bool = False,
     precomputed: dict | None = None,
+    head_offset: int = 0,
 ) -> torch.Tensor:
     """Keep sets of one layer for a batch of requests.
 
@@ -37,9 +38,11 @@ def select_keep(
     queries: ``[B, H_q, window, D]`` post-RoPE window queries (any order), or None;
     seeds, evictions: int64 ``[B]``: request seed and how many evictions it has had before this one.
     precomputed: scores the engine's Triton kernel already computed (``Policy.kernel_scoring``).
+    head_offset: global index of the first KV head given (a tensor-parallel rank's or a chunk's).
     Returns int64 ``[B, H_kv, budget - window]``.
     """
     if layer >= _LAYER_STRIDE:
         raise ValueError(f"layer index {layer} exceeds {_LAYER_STRIDE}")
     step = evictions.to(torch.int64) * _LAYER_STRIDE + layer
-    return policy.select_batched(keys, values, queries, seeds, step, check=check, precomputed=precomputed)
+    return policy.select_batched(keys, values, queries, seeds, step, check=check, precomputed=precomputed,
+                                 head_offset=head_offset)

@@ -1,13 +1,17 @@
-"""State VaSE keeps beside SGLang's: per request (host) and per request row (device).
+"""State VaSE keeps beside SGLang's: per request (host) and per scheduler process (device).
 
-Per request (``RequestState``, attached to SGLang's ``Req``): its settings, its seed, counters.
-Per row of ``req_to_token`` (``DeviceState``, one per scheduler process, allocated with the KV pool
-and before CUDA-graph capture):
-- ``ring``: post-RoPE queries of the last ``window`` tokens, ``[rows, layers, window, H_q, D]``,
-  written at ``position % window``; the attention-scoring policies' observation window.
-- ``position_offset``: true position minus physical length, per row. Decode positions are
-  ``seq_lens - 1 + offset[row]`` so RoPE stays absolute after evictions; a device tensor, so
-  the decode step needs no host data.
+Per request (``RequestState``, attached to SGLang's ``Req``): its settings, its seed, counters, its
+slot bound and its query-ring row.
+
+Per scheduler process (``DeviceState``, allocated with the KV pool, before CUDA-graph capture):
+- ``ring``: post-RoPE queries of the last ``window`` tokens, ``[ring rows + 1, layers, window, H_q, D]``
+  in the model dtype, written at ``position % window``: the attention-scoring policies' observation
+  window. Only requests that use queries and can reach their trigger hold a ring row; row 0 is a
+  scratch row that every other request writes into (no branch, no host data in the forward).
+- ``ring_row``: ``req_to_token`` row -> ring row (0 when it holds none), read inside the forward.
+- ``position_offset``: true position minus physical length, per ``req_to_token`` row. Decode
+  positions are ``seq_lens - 1 + offset[row]`` so RoPE stays absolute after evictions; a device
+  tensor, so the decode step needs no host data.
 """
 
 from __future__ import annotations
@@ -34,13 +38,33 @@ class RequestState:
     params: VaseParams
     seed: int
     rid: str
-    slot_bound: int = 0  # max(prompt, B) + R, set at admission (the prompt grows after a retraction)
+    # Tokens its last (re)prefill writes: the prompt, or prompt + output after a retraction.
+    prefill_len: int
     evictions: int = 0
     evicted_tokens: int = 0
     peak_kv_len: int = 0
+    ring_row: int = 0  # its query-ring row; 0 = none
 
-    def reset(self) -> None:
+    def slot_bound(self) -> int:
+        """Most KV slots it can hold from now on (VASE_SPEC, static footprint): max(prefill, B) + R
+        until its first eviction, B + R after it (it then oscillates between B and B + R)."""
+        if self.evictions:
+            return self.params.budget + self.params.window
+        return self.params.slot_bound(self.prefill_len)
+
+    def reaches_trigger(self, remaining_new_tokens: int) -> bool:
+        """Whether decoding ``remaining_new_tokens`` more tokens after the (re)prefill can evict.
+
+        After a decode step the physical length is n in prefill+1 .. prefill+remaining-1 (the last
+        sampled token is never written back); eviction needs n > B with n % R == 0.
+        """
+        b, r = self.params.budget, self.params.window
+        first = (max(b, self.prefill_len) // r + 1) * r
+        return first <= self.prefill_len + remaining_new_tokens - 1
+
+    def restart(self, prefill_len: int) -> None:
         """After a retraction the request is re-prefilled uncompressed: start over."""
+        self.prefill_len = prefill_len
         self.evictions = 0
         self.evicted_tokens = 0
 
@@ -51,20 +75,52 @@ def request_state(req) -> RequestState | None:
     return state if state is not None and state.params.enabled else None
 
 
-class DeviceState:
-    def __init__(self, rows: int, num_layers: int, window: int, num_q_heads: int, head_dim: int, dtype, device):
-        self.window = window
-        self.ring = torch.zeros((rows, num_layers, window, num_q_heads, head_dim), dtype=dtype, device=device)
-        self.position_offset = torch.zeros(rows, dtype=torch.int64, device=device)
-        logger.info(
-            "sglang-vase: query ring %s %s = %.1f MiB (rows=%d, layers=%d, window=%d)",
-            tuple(self.ring.shape), dtype, self.ring.numel() * self.ring.element_size() / 2**20,
-            rows, num_layers, window,
-        )
+def needs_ring_row(req) -> bool:
+    """Whether an SGLang ``Req`` must get a query-ring row: it holds none, its policy scores with
+    the window's queries and its remaining output can reach the trigger (n > B, n % R == 0)."""
+    st = request_state(req)
+    if st is None or st.ring_row or not st.params.build_policy().needs_queries:
+        return False
+    return st.reaches_trigger(req.sampling_params.max_new_tokens - len(req.output_ids))
 
+
+class DeviceState:
+    def __init__(
+        self, rows: int, ring_rows: int, num_layers: int, window: int, num_q_heads: int, head_dim: int,
+        dtype, device, head_offset: int = 0,
+    ):
+        self.window = window
+        self.head_offset = head_offset  # global index of this rank's first KV head (tensor parallelism)
+        self.ring = torch.zeros((ring_rows + 1, num_layers, window, num_q_heads, head_dim), dtype=dtype, device=device)
+        self.ring_row = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.position_offset = torch.zeros(rows, dtype=torch.int64, device=device)
+        self._free_ring_rows = list(range(ring_rows, 0, -1))
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring.numel() * self.ring.element_size()
+
+    # --- ring rows (host bookkeeping; the device map is written when a row is bound) -----------
+    def free_ring_rows(self) -> int:
+        return len(self._free_ring_rows)
+
+    def bind_ring_row(self, req_pool_idx: int) -> int:
+        """Give the request in ``req_to_token`` row ``req_pool_idx`` a ring row; 0 if none is free."""
+        if not self._free_ring_rows:
+            return 0
+        ring_row = self._free_ring_rows.pop()
+        self.ring_row[req_pool_idx] = ring_row
+        return ring_row
+
+    def release_ring_row(self, req_pool_idx: int, ring_row: int) -> None:
+        if ring_row:
+            self.ring_row[req_pool_idx] = 0
+            self._free_ring_rows.append(ring_row)
+
+    # --- the forward's writes (plain tensor ops: captured into the decode CUDA graph) ---------
     def record_decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, q: torch.Tensor) -> None:
         """One query per row: ``q`` is ``[bs, H_q, D]``."""
-        self.ring[rows, layer, positions % self.window] = q.to(self.ring.dtype)
+        self.ring[self.ring_row[rows], layer, positions % self.window] = q.to(self.ring.dtype)
 
     def record_extend(
         self, layer: int, rows: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor,
@@ -72,24 +128,27 @@ class DeviceState:
     ) -> None:
         """Prefill (or a chunk of it): keep the queries of each request's last ``window`` tokens.
 
-        Tokens outside that tail are written to the padding row 0 instead of being filtered out,
+        Tokens outside that tail are written to the scratch row 0 instead of being filtered out,
         which keeps every shape fixed and needs no host sync.
         """
-        token_rows = torch.repeat_interleave(rows, extend_lens, output_size=q.shape[0])
+        token_rows = torch.repeat_interleave(self.ring_row[rows], extend_lens, output_size=q.shape[0])
         token_ends = torch.repeat_interleave(seq_lens, extend_lens, output_size=q.shape[0])
         in_tail = positions >= token_ends - self.window
         target_rows = torch.where(in_tail, token_rows, torch.zeros_like(token_rows))
         self.ring[target_rows, layer, positions % self.window] = q.to(self.ring.dtype)
 
-    def window_queries(self, rows: torch.Tensor, layer: int, last: torch.Tensor, window: int) -> torch.Tensor:
-        """Queries of the ``window`` tokens up to true position ``last``: ``[Bq, H_q, window, D]``.
+    def window_queries(
+        self, ring_rows: torch.Tensor, layer: int, last: torch.Tensor, window: int, heads: slice = slice(None)
+    ) -> torch.Tensor:
+        """Queries of the ``window`` tokens up to true position ``last``: ``[Bq, H_q, window, D]``
+        (query heads ``heads``) of the given ring rows.
 
         A request's window may be smaller than the ring's (the server's); order is irrelevant to
         the policies (they average over the window).
         """
-        offsets = torch.arange(window, device=rows.device)
+        offsets = torch.arange(window, device=ring_rows.device)
         slots = (last[:, None] - offsets[None, :]) % self.window
-        return self.ring[rows[:, None], layer, slots].permute(0, 2, 1, 3)
+        return self.ring[ring_rows[:, None], layer, slots, heads].permute(0, 2, 1, 3)
 
 
 # One model runner per scheduler process (speculative decoding is refused), so one device state.

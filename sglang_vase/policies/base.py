@@ -51,6 +51,9 @@ class EvictionInputs:
     queries: torch.Tensor | None
     seed: torch.Tensor
     step: torch.Tensor
+    # Global index of the first KV head in ``keys``: a tensor-parallel rank (or a head chunk of the
+    # engine) holds heads [head_offset, head_offset + H_kv) and must draw their noise, not head 0's.
+    head_offset: int = 0
     # Scores computed elsewhere from the same inputs (the engine's Triton scoring kernel), keyed
     # as the two methods below key them; anything absent is computed by the torch reference.
     precomputed: dict = field(default_factory=dict)
@@ -65,10 +68,19 @@ class EvictionInputs:
         cached = self.precomputed.get(("value_range", n_sink))
         return cached if cached is not None else scoring.value_range(self.values, n_sink)
 
-    def noise(self, kind: str, stream: int, shape: tuple[int, ...], per_eviction: bool = True) -> torch.Tensor:
-        """Random numbers of ``batch + shape``; ``per_eviction=False`` repeats them at every eviction."""
+    def noise(
+        self, kind: str, stream: int, shape: tuple[int, ...], per_eviction: bool = True, per_head: bool = False
+    ) -> torch.Tensor:
+        """Random numbers of ``batch + shape``; ``per_eviction=False`` repeats them at every eviction.
+
+        ``per_head``: ``shape[0]`` is the KV-head dimension, so the numbers are those of the global
+        heads ``head_offset + h`` (the same whichever rank or chunk holds a head).
+        """
         step = self.step if per_eviction else torch.zeros_like(self.step)
-        return getattr(noise, kind)(self.seed, step * 64 + stream, shape)
+        draw = getattr(noise, kind)
+        if per_head:
+            return draw(self.seed, step * 64 + stream, shape, offset=self.head_offset * math.prod(shape[1:]))
+        return draw(self.seed, step * 64 + stream, shape)
 
 
 class Policy:
@@ -84,6 +96,12 @@ class Policy:
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
+    # Policies defined by token position (StreamingLLM) read the position from the slot index, which
+    # holds only if every eviction stores the kept tokens in slot order: they ignore ``sort_kept``.
+    positional: ClassVar[bool] = False
+    # Whether scores read the candidates' keys/values themselves, beyond what ``kernel_scoring``
+    # lets the engine precompute; when False (and the kernel runs) the engine gathers no K/V.
+    reads_kv: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -142,7 +160,9 @@ class Policy:
     ) -> torch.Tensor:
         """Indices to keep for one request: ``[H_kv, N, D]`` -> int64 ``[H_kv, budget - window]``.
 
-        The request seed is drawn from ``generator``; the eviction counter is 0.
+        The request seed is drawn from ``generator``; the eviction counter is 0. Candidate ``t`` is the
+        token at slot ``t``; after an engine eviction slot order is position order only for sorted keep
+        sets (``sort_kept``, and always for ``positional`` policies).
         """
         for name, t in (("keys", keys), ("values", values), ("queries", queries)):
             if t is not None and t.dim() != 3:
@@ -160,11 +180,14 @@ class Policy:
         step: torch.Tensor,
         check: bool = True,
         precomputed: dict | None = None,
+        head_offset: int = 0,
     ) -> torch.Tensor:
         """Batched form: ``[..., H_kv, N, D]`` -> int64 ``[..., H_kv, budget - window]``.
 
         ``check=False`` skips the NaN/inf check, the only one that synchronises with the device
         (shape checks always run). ``precomputed``: see ``EvictionInputs`` and ``kernel_scoring``.
+        ``head_offset``: global index of the first KV head given (see ``EvictionInputs``); heads are
+        independent, so any split of the heads keeps exactly what one call over all of them keeps.
         """
         self.validate(keys, values, queries, check_finite=check)
         batch = keys.shape[:-3]
@@ -174,6 +197,7 @@ class Policy:
             queries,
             torch.as_tensor(seed, dtype=torch.int64, device=keys.device).expand(batch),
             torch.as_tensor(step, dtype=torch.int64, device=keys.device).expand(batch),
+            head_offset,
             precomputed or {},
         )
         return self.select_from_scores(x, self.scores(x), self.pin_scores(x) if self.n_pinned else None)
@@ -192,14 +216,14 @@ class Policy:
         n_rest = k - (self.n_pinned if pin_scores is not None else 0)
         if n_rest > 0:
             if self.stochastic:
-                g = x.noise("gumbel", 0, tuple(scores.shape[len(x.seed.shape):]))
+                g = x.noise("gumbel", 0, tuple(scores.shape[len(x.seed.shape):]), per_head=True)
                 key = torch.where(scores > 0, torch.log(scores.clamp_min(1e-38)) + g, _ZERO_SCORE_KEY + g)
                 key = key.masked_fill(scores == -math.inf, -math.inf)  # pinned or excluded
             else:
                 key = scores
             parts.append(torch.topk(key, n_rest, dim=-1).indices)
         keep = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        return keep.sort(dim=-1).values if self.sort_kept else keep
+        return keep.sort(dim=-1).values if self.sort_kept or self.positional else keep
 
     # --- input checks --------------------------------------------------------------------------
     def validate(

@@ -34,10 +34,14 @@ def _mix(seed: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     return _lowbias32(h ^ (stream & _MASK32) ^ 0x85EBCA6B)
 
 
-def hashed_uniform(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def hashed_uniform(
+    seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...], offset: int = 0
+) -> torch.Tensor:
     """Uniform(0, 1) fp32 of ``batch + shape``; ``seed``/``stream`` are int64 of the batch shape.
 
-    Values lie strictly inside (0, 1), so ``log`` and ``-log(-log(u))`` are finite.
+    Element ``i`` (row-major over ``shape``) is the hash of ``offset + i``: a slice of a larger draw
+    is that slice's numbers. Values lie strictly inside (0, 1), so ``log`` and ``-log(-log(u))`` are
+    finite.
     """
     seed = torch.as_tensor(seed, dtype=torch.int64)
     stream = torch.as_tensor(stream, dtype=torch.int64, device=seed.device)
@@ -45,16 +49,16 @@ def hashed_uniform(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, .
     numel = 1
     for s in shape:
         numel *= s
-    idx = torch.arange(numel, device=seed.device, dtype=torch.int64).reshape(shape)
+    idx = torch.arange(offset, offset + numel, device=seed.device, dtype=torch.int64).reshape(shape)
     bits = _lowbias32(_lowbias32(idx ^ key) + key)
     # 23 bits, so that the largest value, 1 - 2**-24, is exact in fp32 (with 24 bits it rounds to 1.0,
     # and the Gumbel noise of a 1.0 is +inf).
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def gumbel(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def gumbel(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
     """Standard Gumbel noise: ``-log(-log(U))``."""
-    return -torch.log(-torch.log(hashed_uniform(seed, stream, shape)))
+    return -torch.log(-torch.log(hashed_uniform(seed, stream, shape, offset)))
 
 
 def normal(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

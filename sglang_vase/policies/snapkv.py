@@ -16,6 +16,7 @@ class SnapKV(Policy):
 
     name = "snapkv"
     needs_queries = True
+    reads_kv = False
 
     def __init__(
         self, budget: int, *, temperature: float = 1.0, smoothing_kernel: int = SMOOTHING_KERNEL, **common

@@ -12,10 +12,13 @@ from sglang_vase.policies.base import EvictionInputs, Policy
 class StreamingLLM(Policy):
     """StreamingLLM: keep the n_sink first and the most recent candidates. Needs no queries.
 
-    Parameters: budget, window, n_sink, sort_kept.
+    Position is read from the slot index, so the kept tokens are always stored in slot order
+    (``positional``): slot order then stays position order across evictions.
+    Parameters: budget, window, n_sink, sort_kept (no effect: the order is always by position).
     """
 
     name = "streamingllm"
+    positional = True
 
     def scores(self, x: EvictionInputs) -> torch.Tensor:
         n = x.keys.shape[-2]

@@ -50,15 +50,24 @@ class EvictLargeV(VaSE):
     """Negative control: never keep the n_large largest value ranges; sample the rest like VaSE.
 
     The range is the plain one (sinks not forced). Every eviction must find enough other tokens,
-    so N >= budget - window + n_large. The default n_large = window always fits in the engine
-    (N >= budget there); when N == budget it evicts exactly the window's worth of largest-range
+    N >= budget - window + n_large. The engine evicts at N >= budget (it triggers at n > B with
+    n % R == 0, so n >= B + R), hence n_large <= window is required: every eviction then fits. The
+    default n_large = window evicts, at N == budget, exactly the window's worth of largest-range
     tokens and keeps all the others, like the paper's "evict large" pilot.
 
-    Parameters: as ``vase``, except n_large: None = window.
+    Parameters: as ``vase``, except n_large: 0..window, None = window.
     """
 
     name = "evict-large-v"
     n_pinned = 0
+
+    def __init__(self, budget: int, **params):
+        super().__init__(budget, **params)
+        if self.n_large > self.window:
+            raise ValueError(
+                f"n_large ({self.n_large}) must be at most window ({self.window}) for evict-large-v: an "
+                f"eviction at N = budget candidates must keep budget - window of the N - n_large others"
+            )
 
     def default_n_large(self) -> int:
         return self.window
