@@ -109,7 +109,8 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     if unknown:
         raise LaunchError(f"unknown sglang-vase flag(s) {unknown}; see --help")
     argv, notes = list(rest), []
-    embedded = _flag_value(argv, "--model-path") is None
+    model_path = _flag_value(argv, "--model-path")
+    embedded = model_path is None or _is_embedded(model_path)
     budget = ns.vase_budget if ns.vase_budget is not None else (EMBEDDED_BUDGET if embedded else VaseParams.budget)
     window = ns.vase_window if ns.vase_window is not None else (EMBEDDED_WINDOW if embedded else VaseParams.window)
     params = VaseParams(
@@ -122,7 +123,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
         raise LaunchError(f"invalid --vase-* flags: {e}") from None
 
     env = {ENV_VAR: params.to_json()}
-    if embedded:
+    if model_path is None:
         from sglang_vase.models import prepare_default_model
 
         argv += ["--model-path", prepare_default_model(verbose=True)]
@@ -161,6 +162,12 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     else:
         notes.append("--vase-policy none: plain SGLang (requests may not ask for eviction)")
     return params, argv, env, notes
+
+
+def _is_embedded(model_path: str) -> bool:
+    from sglang_vase.models import default_model_dir
+
+    return os.path.realpath(model_path) == os.path.realpath(default_model_dir())
 
 
 def check_model(server_args) -> None:

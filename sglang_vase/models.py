@@ -107,9 +107,14 @@ def _build(gguf: Path, dest: Path) -> None:
     )
 
 
+def default_model_dir() -> Path:
+    """Where the embedded model lives once built."""
+    return cache_root() / "models" / MODEL_NAME
+
+
 def prepare_default_model(verbose: bool = False) -> str:
     """Return the folder of the embedded model, building and verifying it on first use."""
-    folder = cache_root() / "models" / MODEL_NAME
+    folder = default_model_dir()
     if _manifest_ok(folder):
         return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def test_load_task_prompts():
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_OK, reason="reasoning data not found")
 def test_harness_end_to_end_and_resume(tmp_path, monkeypatch):
-    from servers import Server
+    from sglang_vase.serving import Server
 
     calls = []
     real_post = accuracy.post_chat
@@ -95,7 +95,7 @@ def test_harness_end_to_end_and_resume(tmp_path, monkeypatch):
         return real_post(endpoint, body, timeout)
 
     monkeypatch.setattr(accuracy, "post_chat", spy)
-    server = Server(["--vase-budget", "64", "--vase-window", "16"])
+    server = Server(["--vase-budget", "64", "--vase-window", "16"], strict_memory=True)
     try:
         kw = dict(task="math", label="smoke", limit=2, n=2, max_tokens=48, concurrency=4,
                   vase={"budget": 32, "window": 16}, out_dir=tmp_path, progress=False)

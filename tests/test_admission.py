@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from servers import Server
+from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _send(server: Server, n: int, results: list, errors: list) -> list[threading
 
 def test_more_than_3n_concurrent_without_retraction():
     n_requests = 3 * N_FULL + 2
-    vase = Server(FLAGS + ["--vase-budget", "128", "--vase-window", "16"])
+    vase = Server(FLAGS + ["--vase-budget", "128", "--vase-window", "16"], strict_memory=True)
     try:
         results, errors = [], []
         for t in _send(vase, n_requests, results, errors):
@@ -59,7 +59,7 @@ def test_more_than_3n_concurrent_without_retraction():
         vase.stop()
 
     # Plain SGLang, same pool and workload: observe how many it runs at once, then stop early.
-    plain = Server(FLAGS, vase=False)
+    plain = Server(FLAGS + ["--disable-overlap-schedule"], vase=False, strict_memory=True)
     try:
         results, errors = [], []
         threads = _send(plain, n_requests, results, errors)

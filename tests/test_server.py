@@ -17,7 +17,7 @@ import pytest
 import requests
 import torch
 
-from servers import Server
+from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,14 @@ def trace_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vase_server(trace_dir):
     server = Server(COMMON + ["--vase-budget", "128", "--vase-window", "32", "--enable-metrics"],
-                    env={"SGLANG_VASE_TRACE_DIR": trace_dir})
+                    env={"SGLANG_VASE_TRACE_DIR": trace_dir}, strict_memory=True)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def plain_server():
-    server = Server(COMMON, vase=False)
+    server = Server(COMMON + ["--disable-overlap-schedule"], vase=False, strict_memory=True)
     yield server
     server.stop()
 
@@ -236,7 +236,7 @@ def test_retraction_resets_and_stays_consistent():
     """Forced retractions (SGLANG_TEST_RETRACT): retracted requests are re-prefilled whole and
     start evicting again; memory stays consistent and outputs complete."""
     server = Server(COMMON + ["--vase-budget", "64", "--vase-window", "16"],
-                    env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25"})
+                    env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25"}, strict_memory=True)
     try:
         outs = []
         threads = [threading.Thread(target=lambda i=i: outs.append(server.generate(
