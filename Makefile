@@ -8,7 +8,7 @@ ARGS  ?=
 # Extra pytest flags for `make test`, e.g. PYTEST_ARGS="-m 'not slow'"
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test clean
+.PHONY: install model serve test gpu-check clean
 
 install:
 	@VENV=$(VENV) bash scripts/install.sh $(ROUTE)
@@ -22,6 +22,10 @@ serve: model
 
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# On a CUDA machine: kernel parity at Qwen3 shapes + kernel benchmark -> benchmarks/results/gpu_check.json
+gpu-check: install
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -49,6 +49,13 @@ SCORE_CASES = [
     (1, 130, 2, 4, 128, 64, torch.bfloat16),  # the paper's window R = 64
     (2, 75, 1, 5, 64, 64, torch.float32),  # Qwen3-14B's group of 5
 ]
+if DEVICE == "cuda":  # the real shapes at an eviction (N = B candidates): too slow for the interpreter
+    SCORE_CASES += [
+        (4, 4096, 8, 4, 128, 64, torch.bfloat16),  # Qwen3-4B per rank, B = 4096
+        (4, 4096, 8, 5, 128, 64, torch.bfloat16),  # Qwen3-14B
+        (1, 16384, 8, 5, 128, 64, torch.bfloat16),  # a long prompt's first eviction
+        (8, 1024, 4, 5, 128, 64, torch.float32),  # Qwen3-14B at TP 2, B = 1024, fp32
+    ]
 
 
 @pytest.mark.parametrize("bq,n,h_kv,group,d,w,dtype", SCORE_CASES)
@@ -89,11 +96,16 @@ def random_keep(seed, bq, h_kv, n, k, device=DEVICE):
     return keep.to(device)
 
 
-@pytest.mark.parametrize("bq,n,h_kv,d,k,dtype,slot_dtype", [
+COMPACT_CASES = [
     (3, 100, 2, 64, 40, torch.bfloat16, torch.int32),
     (2, 77, 3, 128, 76, torch.float32, torch.int64),
     (1, 50, 1, 64, 1, torch.float16, torch.int32),
-])
+]
+if DEVICE == "cuda":
+    COMPACT_CASES += [(4, 4096, 8, 128, 4032, torch.bfloat16, torch.int32), (2, 2048, 8, 128, 1984, torch.int16, torch.int32)]
+
+
+@pytest.mark.parametrize("bq,n,h_kv,d,k,dtype,slot_dtype", COMPACT_CASES)
 def test_compaction_matches_semantics(seed, bq, n, h_kv, d, k, dtype, slot_dtype):
     k_buf, v_buf, slots, _ = make_layer(seed, bq=bq, n=n, h_kv=h_kv, group=1, d=d, w=1, dtype=dtype)
     slots = slots.to(slot_dtype)

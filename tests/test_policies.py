@@ -218,6 +218,30 @@ def test_rkv_hand_computed():
     assert set(policy.select(keys, keys, queries)[0].tolist()) == {2, 3}
 
 
+def test_rkv_redundancy_equals_the_cosine_matrix(seed):
+    """The O(N D) redundancy is the mean of the explicit [N, N] cosine matrix with its diagonal zeroed."""
+    from sglang_vase.policies.rkv import key_redundancy
+
+    keys, _, _ = make_inputs(seed, h_kv=3, n=200, d=64, batch=(2,))
+    k = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)
+    cos = (k @ k.transpose(-1, -2)).masked_fill(torch.eye(200, dtype=torch.bool), 0.0)
+    torch.testing.assert_close(key_redundancy(keys), torch.softmax(cos.mean(-1), dim=-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_head_slices_keep_what_all_heads_keep(name, seed):
+    """Heads are independent and draw their noise by global index (``head_offset``): selecting any
+    slice of the heads (a tensor-parallel rank, an engine chunk) keeps that slice of the full result."""
+    keys, values, queries = make_inputs(seed, h_kv=4, group=2, n=96, batch=(2,))
+    policy = get_policy(name, budget=64, window=16)
+    seeds, steps = torch.tensor([seed, seed + 1]), torch.tensor([3, 0])
+    full = policy.select_batched(keys, values, queries, seeds, steps)
+    for h0, h1 in ((0, 1), (1, 3), (2, 4)):
+        part = policy.select_batched(keys[:, h0:h1], values[:, h0:h1], queries[:, 2 * h0 : 2 * h1], seeds, steps,
+                                     head_offset=h0)
+        assert torch.equal(part, full[:, h0:h1]), f"{name} heads {h0}:{h1}, seed={seed}"
+
+
 def test_streamingllm_exact_set(seed):
     keys, values, _ = make_inputs(seed, h_kv=3, n=50)
     policy = get_policy("streamingllm", budget=24, window=8, sort_kept=True)
@@ -403,6 +427,7 @@ BAD_PARAMS = [
     ("curdkv", dict(budget=128, proj_dim=0), "proj_dim"),
     ("vase", dict(budget=128, bogus=1), "bogus"),
     ("h2o", dict(budget=128, temperature=1.0), "temperature"),
+    ("evict-large-v", dict(budget=128, window=32, n_large=33), "n_large"),
     ("vase", dict(window=64), "budget"),
     ("no-such-policy", dict(budget=128), "no-such-policy"),
 ]

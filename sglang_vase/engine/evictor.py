@@ -41,8 +41,9 @@ from sglang_vase.policies.base import Policy
 # Debugging and tests: save every eviction's keep sets here (one file per request and eviction),
 # so a reference can replay exactly what the engine kept. Costs a device-to-host copy per layer.
 TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
-# Tests: "select:<text>" or "apply:<text>" makes that phase raise for requests whose id contains
-# <text> (as SGLANG_TEST_RETRACT forces retractions), to show that the failure stays theirs.
+# Tests: "select:<text>" or "apply:<text>" (comma-separated) makes that phase raise for requests
+# whose id contains <text> (as SGLANG_TEST_RETRACT forces retractions), to show that the failure
+# stays theirs.
 FAULT_ENV = "SGLANG_VASE_TEST_FAIL_EVICTION"
 # Default bound on an eviction round's transient memory (``--vase-workspace-mb``).
 DEFAULT_WORKSPACE_BYTES = 256 << 20
@@ -227,13 +228,11 @@ def _storage(buf: torch.Tensor) -> torch.Tensor:
 
 
 def _inject_fault(stage: str, members: list[Eviction]) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec.startswith(stage + ":"):
-        return
-    needle = spec.split(":", 1)[1]
-    for e in members:
-        if needle in e.state.rid:
-            raise RuntimeError(f"injected {stage} failure ({FAULT_ENV}) for request {e.state.rid}")
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        where, _, needle = spec.partition(":")
+        for e in members:
+            if where == stage and needle and needle in e.state.rid:
+                raise RuntimeError(f"injected {stage} failure ({FAULT_ENV}) for request {e.state.rid}")
 
 
 def _save_trace(members: list[Eviction], n: int, keep: torch.Tensor) -> None:
