@@ -3,10 +3,10 @@ bound (``prefill_adder.reserve_as_bounded``), and only while a query-ring row is
 
 A request that scores with queries and can reach its trigger needs a ring row from its prefill on
 (``state.needs_ring_row``); rows are bound when its req_to_token row is (``req_to_token_pool_alloc``).
-When none is left the adder stops with NO_TOKEN, as for memory: rows come back as requests finish.
+When none is left the request is skipped (it stays queued, first in line for the next free row) and
+admission goes on with the requests behind it, which may need no row: short requests are never
+held up by the ring.
 """
-
-from sglang.srt.managers.schedule_policy import AddReqResult
 
 from sglang_vase.engine import state
 from sglang_vase.engine.state import needs_ring_row
@@ -20,6 +20,6 @@ def hook(original, self, req, *args, **kwargs):
     if needs_ring_row(req):
         pending = sum(1 for r in self.can_run_list if needs_ring_row(r))
         if state.DEVICE.free_ring_rows() - pending <= 0:
-            return AddReqResult.NO_TOKEN
+            return self.budget_state()
     with reserve_as_bounded(req):
         return original(self, req, *args, **kwargs)

@@ -133,6 +133,17 @@ class Server:
             raise RuntimeError(f"request failed ({r.status_code}): {r.text[:1000]}")
         return r.json()
 
+    def used_tokens(self) -> float:
+        """KV slots in use, from SGLang's ``sglang:num_used_tokens`` gauge (needs --enable-metrics)."""
+        import requests
+
+        metrics = requests.get(f"{self.url}/metrics", timeout=10).text
+        values = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("sglang:num_used_tokens")]
+        if not values:
+            raise RuntimeError("no sglang:num_used_tokens gauge (start the server with --enable-metrics)")
+        return sum(values)
+
     def max_running_requests(self, start: int = 0) -> int:
         """Most requests decoding at once, from SGLang's decode log lines (from log offset ``start``)."""
         return max((int(m) for m in _DECODE_RUNNING_RE.findall(self.log(start))), default=0)

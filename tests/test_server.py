@@ -150,16 +150,8 @@ def test_memory_bound_with_concurrency_and_aborts(vase_server):
     assert vase_server.alive(), vase_server.log()[-3000:]
     # Idle again: SGLang's idle check (on) asserts free + held == pool; the used-token gauge is 0.
     time.sleep(3)
-    assert used_tokens(vase_server) == 0
+    assert vase_server.used_tokens() == 0
     assert vase_server.generate("still serving?", max_new_tokens=4, ignore_eos=True)["meta_info"]["completion_tokens"] == 4
-
-
-def used_tokens(server) -> float:
-    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
-    values = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-              if line.startswith("sglang:num_used_tokens")]
-    assert values, "no sglang:num_used_tokens gauge"
-    return sum(values)
 
 
 def test_prometheus_counters(vase_server):
