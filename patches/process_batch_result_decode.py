@@ -58,6 +58,8 @@ def hook(result, self, batch, *args, **kwargs):
     freed = round_.freed_slots()
     if freed is not None:
         self.token_to_kv_pool_allocator.free(freed)
+        # SGLang retries admission only when the batch shrinks; freed slots are room for more.
+        batch.batch_is_full = False
     for e, error in round_.failed:
         req = batch.reqs[index[id(e.state)]]
         logger.error("sglang-vase: eviction of request %s failed; aborting it", req.rid, exc_info=error)

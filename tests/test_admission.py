@@ -7,6 +7,8 @@ so more than 3N run at once; plain SGLang on the same pool cannot.
 
 from __future__ import annotations
 
+import datetime
+import re
 import threading
 import time
 
@@ -72,3 +74,141 @@ def test_more_than_3n_concurrent_without_retraction():
         assert plain_running < vase_running
     finally:
         plain.stop()
+
+
+# --- admission is exact for every B, R and prompt length (each fails without its fix) -------------
+
+DECODE_TS_RE = re.compile(r"\[(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[^\]]*\] Decode batch(?: \[\d+\])?, "
+                          r"#running-req: (?P<running>\d+)")
+SMALL = ["--max-running-requests", "16", "--decode-log-interval", "1", "--dtype", "bfloat16",
+         "--vase-budget", "64", "--vase-window", "16"]
+
+
+def _run_all(server: Server, bodies: list[dict]) -> list[dict]:
+    results, errors = [], []
+    threads = []
+    for b in bodies:
+        def run(b=b):
+            try:
+                r = requests.post(f"{server.url}/generate", json=b, timeout=1800)
+                r.raise_for_status()
+                results.append(r.json())
+            except Exception as e:  # noqa: BLE001 -- asserted below
+                errors.append(e)
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def _request(text, max_new_tokens, vase=None):
+    sp = {"max_new_tokens": max_new_tokens, "ignore_eos": True, "temperature": 0.7}
+    if vase is not None:
+        sp["custom_params"] = {"vase": vase}
+    return {"text": text, "sampling_params": sp}
+
+
+def test_reservation_is_not_clipped():
+    """SGLang clips every request's future-token estimate at SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION
+    (4096; 32 here so that small budgets show it). An evicting request still reserves its whole
+    bound max(prompt, B) + R: on a pool for 4 bounds, 4 run at once and none is retracted."""
+    budget, window = 128, 32
+    pool = 4 * (budget + window) + 40
+    # Ring rows would cap the concurrency at pool // (B + R) as well: lift them to test the memory.
+    server = Server(["--max-total-tokens", str(pool), "--max-running-requests", "16", "--decode-log-interval", "1",
+                     "--vase-budget", str(budget), "--vase-window", str(window), "--vase-ring-rows", "16"],
+                    env={"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "32"}, strict_memory=True)
+    try:
+        # One batch request: all eight reach the same admission round, where the clip would let
+        # them all in at once (each reserving prompt + 32).
+        batch = _request([f"{PROMPT} ({i})" for i in range(8)], 400)
+        r = requests.post(f"{server.url}/generate", json=batch, timeout=1800)
+        r.raise_for_status()
+        results = r.json()
+        assert len(results) == 8
+        assert all(r["meta_info"]["num_retractions"] == 0 for r in results)
+        assert all(r["meta_info"]["completion_tokens"] == 400 for r in results)
+        assert server.max_running_requests() == 4
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def small_pool():
+    server = Server(["--max-total-tokens", "1000", *SMALL], strict_memory=True)
+    yield server
+    server.stop()
+
+
+def test_long_prompt_reserves_only_b_plus_r_after_its_first_eviction(small_pool):
+    """A ~270-token prompt with B = 64 reserves prompt + R until it first evicts (a few steps in),
+    then only B + R. On a 1000-slot pool three are admitted first and two more right after those
+    evict; reserving prompt + R for their whole life would admit them only once the first three had
+    under prompt - B tokens left to generate, two thirds of the way through."""
+    long_prompt = " ".join(["The lighthouse keeper counted the ships that passed."] * 30)
+    offset = small_pool.log_offset()
+    t0 = time.time()
+    results = _run_all(small_pool, [_request(f"{long_prompt} ({i})", 600) for i in range(5)])
+    t1 = time.time()
+    prompt = results[0]["meta_info"]["prompt_tokens"]
+    assert 250 <= prompt <= 330, prompt
+    assert all(r["meta_info"]["num_retractions"] == 0 for r in results)
+    five = [m for m in DECODE_TS_RE.finditer(small_pool.log(offset)) if int(m.group("running")) >= 5]
+    assert five, "never ran five at once"
+    first = datetime.datetime.strptime(five[0].group("ts"), "%Y-%m-%d %H:%M:%S").timestamp()
+    assert first - t0 < 0.4 * (t1 - t0), f"five running only after {first - t0:.0f}s of {t1 - t0:.0f}s"
+
+
+def test_eviction_disabled_ignore_eos_request_is_not_blocked(small_pool):
+    """SGLang admits a fixed-length (ignore_eos) request by simulating every running request's whole
+    remaining output; evicting requests with thousands of tokens to go must not block it (they hold
+    at most B + R each)."""
+    offset = small_pool.log_offset()
+    long_rids = [f"long-{i}-{time.time_ns()}" for i in range(3)]
+    threads = [threading.Thread(target=lambda rid=rid: requests.post(
+        f"{small_pool.url}/generate", json={**_request(PROMPT, 3000), "rid": rid}, timeout=1800)) for rid in long_rids]
+    for t in threads:
+        t.start()
+    try:
+        while small_pool.max_running_requests(offset) < 3:
+            time.sleep(0.5)
+        t0 = time.time()
+        out = small_pool.generate(PROMPT, max_new_tokens=32, vase=False, ignore_eos=True, temperature=0.7,
+                                  timeout=300)
+        waited = time.time() - t0
+        assert out["meta_info"]["completion_tokens"] == 32 and "vase" not in out["meta_info"]
+        assert waited < 60, f"the eviction-disabled request waited {waited:.0f}s behind the evicting ones"
+    finally:
+        for rid in long_rids:
+            requests.post(f"{small_pool.url}/abort_request", json={"rid": rid}, timeout=10)
+        for t in threads:
+            t.join()
+    assert small_pool.alive()
+
+
+def test_retracted_request_too_long_to_reprefill_is_aborted():
+    """A retracted evicting request re-prefills prompt + output uncompressed. Once that exceeds the
+    pool it can never be re-admitted: it is answered (503, with the reason) instead of waiting
+    forever, and the other request completes."""
+    server = Server(["--max-total-tokens", "1024", *SMALL], strict_memory=True,
+                    env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "1100"})
+    try:
+        codes, texts = [], []
+
+        def run(i):
+            r = requests.post(f"{server.url}/generate", json=_request(f"{PROMPT} ({i})", 1500), timeout=1800)
+            codes.append(r.status_code)
+            texts.append(r.text)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [200, 503], texts
+        assert "re-prefilling prompt + output" in texts[codes.index(503)]
+        assert server.alive()
+    finally:
+        server.stop()
