@@ -31,6 +31,29 @@ def test_user_flags_win_and_gpu_route_adds_no_cpu_flags():
     assert argv.count("--page-size") == 1
 
 
+def test_gpu_route_disables_only_the_prefill_cuda_graph():
+    _, argv, _, notes = prepare(MODEL, cuda_available=True)
+    assert argv[argv.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+    assert "--disable-cuda-graph" not in argv and "--cuda-graph-backend-decode" not in argv
+    assert any("--cuda-graph-backend-prefill disabled" in n for n in notes)
+    _, argv, _, _ = prepare(MODEL + ["--cuda-graph-backend-prefill", "disabled"], cuda_available=True)
+    assert argv.count("--cuda-graph-backend-prefill") == 1
+
+
+def test_embedded_model_defaults_evict_in_a_demo_and_every_flag_is_logged_once():
+    from sglang_vase.models import default_model_dir
+
+    params, _, _, notes = prepare(["--model-path", str(default_model_dir())], cuda_available=False)
+    assert (params.budget, params.window) == (128, 32)  # the README's 256-token example evicts
+    params, _, _, _ = prepare(["--model-path", str(default_model_dir()), "--vase-budget", "256"], cuda_available=False)
+    assert (params.budget, params.window) == (256, 32)
+    assert prepare(MODEL, cuda_available=False)[0].budget == 4096  # a user's model: the paper's default
+    text = "\n".join(notes)
+    for flag in ("--device cpu", "--attention-backend torch_native", "--max-total-tokens 65536", "--page-size 1",
+                 "--vase-budget 128", "--vase-window 32", "--vase-ring-rows auto", "--vase-workspace-mb 256"):
+        assert text.count(flag) == 1, (flag, text)
+
+
 def test_policy_none_is_plain_sglang():
     _, argv, env, _ = prepare(MODEL + ["--vase-policy", "none", "--page-size", "16"], cuda_available=True)
     assert "--disable-radix-cache" not in argv and "--page-size" in argv
@@ -48,6 +71,13 @@ def test_policy_none_is_plain_sglang():
         (["--enable-mixed-chunk"], "mixed"),
         (["--speculative-algorithm", "EAGLE"], "speculative"),
         (["--pp-size", "2"], "pipeline"),
+        (["--attn-dp-size", "2"], "DP attention"),
+        (["--enable-dp-attention"], "DP attention"),
+        (["--disaggregation-mode", "decode"], "disaggregation"),
+        (["--cuda-graph-backend-prefill", "breakable"], "prefill CUDA graph"),
+        (["--cuda-graph-backend-prefill=full"], "prefill CUDA graph"),
+        (["--vase-ring-rows", "-1"], "ring_rows"),
+        (["--vase-workspace-mb", "0"], "workspace_mb"),
     ],
 )
 def test_refused_flags(flags, message):
