@@ -167,7 +167,8 @@ class _Batch:
         n, r = shape.n, shape.policy.window
         self.slots = req_to_token[self.rows, :n].long()  # [Bq, n]
         self.cand = self.slots[:, : n - r]
-        self.last = n - 1 + device.position_offset[self.rows]  # true position of each newest token
+        last = n - 1 + device.position_offset[self.rows]  # true position of each newest token
+        self.query_slots = device.window_slots(last, r) if shape.policy.needs_queries else None
 
     def select(self, k_buffers, v_buffers, heads: int) -> list[torch.Tensor]:
         """Keep sets ``[Bq, H_kv, K]`` of every layer; reads the pool only."""
@@ -186,7 +187,7 @@ class _Batch:
         g = self.shape.group
         queries = None
         if policy.needs_queries:
-            queries = self.device.window_queries(self.ring_rows, layer, self.last, policy.window,
+            queries = self.device.window_queries(self.ring_rows, layer, self.query_slots,
                                                  heads=slice(h0 * g, (h0 + k_buf.shape[1]) * g))
         precomputed = None
         if self.shape.kernel:

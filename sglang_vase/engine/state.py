@@ -137,17 +137,21 @@ class DeviceState:
         target_rows = torch.where(in_tail, token_rows, torch.zeros_like(token_rows))
         self.ring[target_rows, layer, positions % self.window] = q.to(self.ring.dtype)
 
+    def window_slots(self, last: torch.Tensor, window: int) -> torch.Tensor:
+        """Ring positions ``[Bq, window]`` of the ``window`` tokens up to true position ``last``
+        (the same for every layer)."""
+        offsets = torch.arange(window, device=last.device)
+        return (last[:, None] - offsets[None, :]) % self.window
+
     def window_queries(
-        self, ring_rows: torch.Tensor, layer: int, last: torch.Tensor, window: int, heads: slice = slice(None)
+        self, ring_rows: torch.Tensor, layer: int, slots: torch.Tensor, heads: slice = slice(None)
     ) -> torch.Tensor:
-        """Queries of the ``window`` tokens up to true position ``last``: ``[Bq, H_q, window, D]``
-        (query heads ``heads``) of the given ring rows.
+        """Queries ``[Bq, H_q, window, D]`` (query heads ``heads``) at ring positions ``slots`` of
+        the given ring rows.
 
         A request's window may be smaller than the ring's (the server's); order is irrelevant to
         the policies (they average over the window).
         """
-        offsets = torch.arange(window, device=ring_rows.device)
-        slots = (last[:, None] - offsets[None, :]) % self.window
         return self.ring[ring_rows[:, None], layer, slots, heads].permute(0, 2, 1, 3)
 
 
