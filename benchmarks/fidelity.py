@@ -68,9 +68,6 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -80,6 +77,8 @@ from pathlib import Path
 
 import torch
 
+from sglang_vase.serving import Server
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_DATA_DIR = ROOT.parent / "shared/data/reasoning"
@@ -87,6 +86,8 @@ DEFAULT_OUT = HERE / "results" / "fidelity.json"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPERATURE = 0.6
 TOP_P = 0.95
+# One torch thread per server process: the replay workers share the cores.
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # Loop detectors (see the module docstring).
 LOOP_NGRAM = 20
@@ -279,77 +280,6 @@ def distinct_ngram_ratio(tokens: list[int], n: int = 4) -> float | None:
 
 # -------------------------------------------------------------------------------------- engine
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VaseServer:
-    """One sglang-vase server on loopback (log in a temp file). ``wait_ready`` polls /health;
-    ``stop()`` (idempotent, thread-safe) ends its process group."""
-
-    def __init__(self, model_path: str, budget: int, window: int):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "sglang_vase.launch_server", "--host", "127.0.0.1", "--port",
-                    str(self.port), "--model-path", model_path, "--vase-budget", str(budget), "--vase-window",
-                    str(window), "--random-seed", "0"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env.pop("TRITON_INTERPRET", None)  # serving on CPU uses the torch path
-        self._lock = threading.Lock()
-        self.log_file = tempfile.NamedTemporaryFile("w+", prefix=f"fidelity-server-{self.port}-", suffix=".log",
-                                                    delete=False)
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
-                                     cwd=tempfile.gettempdir(), start_new_session=True)
-
-    def wait_ready(self, timeout: float = 900, cancel: threading.Event | None = None) -> None:
-        import requests
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if cancel is not None and cancel.is_set():
-                raise RuntimeError("cancelled")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server did not start in {timeout}s:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        with open(self.log_file.name) as f:
-            return f.read()
-
-    def generate(self, input_ids: list[int], max_new_tokens: int, vase, timeout: float = 7200) -> dict:
-        import requests
-
-        body = {"input_ids": input_ids,
-                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
-                                    "ignore_eos": True, "custom_params": {"vase": vase}}}
-        r = requests.post(f"{self.url}/generate", json=body, timeout=timeout)
-        if r.status_code != 200:
-            raise RuntimeError(f"request failed ({r.status_code}): {r.text[:1000]}")
-        return r.json()
-
-    def stop(self) -> None:
-        with self._lock:
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(10)
-                except ProcessLookupError:
-                    pass
-            if not self.log_file.closed:
-                self.log_file.close()
-
-
 class EngineRun(threading.Thread):
     """The free-generation part in a background thread, so that the server's start (minutes on a
     loaded CPU) and its batched decoding overlap the replay workers. Every config (policy,
@@ -360,7 +290,7 @@ class EngineRun(threading.Thread):
         super().__init__(name="fidelity-engine", daemon=True)
         self.args, self.model_path, self.prompts, self.configs, self.t_start = args, model_path, prompts, configs, t_start
         self.cancel = threading.Event()
-        self.server: VaseServer | None = None
+        self.server: Server | None = None
         self.runs: list[dict] = []
         self.info: dict = {}
         self.error: BaseException | None = None
@@ -388,9 +318,11 @@ class EngineRun(threading.Thread):
         args, t0 = self.args, time.time()
         jobs = [(cfg, p) for cfg in self.configs for p in self.prompts]
         server_budget = max([c["budget"] for c in self.configs if c["policy"] != FULL] or [2 * args.window])
-        self.server = server = VaseServer(self.model_path, server_budget, args.window)
+        self.server = server = Server(
+            ["--model-path", self.model_path, "--vase-budget", str(server_budget), "--vase-window", str(args.window),
+             "--random-seed", "0"], env=SERVER_ENV, wait=False)
         self.info = {"server_cmd": shlex.join(server.cmd), "requests": len(jobs)}
-        server.wait_ready(cancel=self.cancel)
+        server.wait_ready(timeout=900, cancel=self.cancel)
         self.info["startup_seconds"] = time.time() - t0
         print(f"[fidelity] engine: server up in {self.info['startup_seconds']:.0f}s; {len(jobs)} requests of "
               f"{args.cont_len} tokens", flush=True)
@@ -399,7 +331,8 @@ class EngineRun(threading.Thread):
             cfg, p = item
             vase = False if cfg["policy"] == FULL else {
                 "policy": cfg["policy"], "budget": cfg["budget"], "window": args.window, "seed": cfg["seed"]}
-            res = server.generate(p["input_ids"], args.cont_len, vase)
+            res = server.generate(input_ids=p["input_ids"], max_new_tokens=args.cont_len, vase=vase, timeout=7200,
+                                  temperature=TEMPERATURE, top_p=TOP_P, ignore_eos=True)
             ids = res["output_ids"]
             meta = res.get("meta_info", {})
             return {**{k: cfg[k] for k in ("policy", "compression", "budget", "seed")}, "prompt": p["index"],

@@ -60,19 +60,18 @@ import os
 import platform
 import re
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from sglang_vase.serving import Server
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "reasoning"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "throughput.json"
 SYSTEMS = ("sglang", "sglang-vase")
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
 # Flags sglang-vase adds for eviction; plain SGLang gets them too, so that only eviction differs.
 SHARED_FLAGS = ["--disable-radix-cache", "--disable-overlap-schedule", "--page-size", "1",
                 "--decode-log-interval", "1", "--incremental-streaming-output"]
@@ -179,73 +178,6 @@ def load_prompts(path: Path, tokenizer, n: int, max_len: int) -> list[list[int]]
     if not out:
         raise ValueError(f"no prompt in {path} fits {max_len} tokens")
     return [out[i % len(out)] for i in range(n)]  # fewer problems than requests: reuse them
-
-
-# -------------------------------------------------------------------------------------- servers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One server process (plain SGLang or sglang-vase) with its log in a file; ``stop`` kills its group."""
-
-    def __init__(self, system: str, flags: list[str], log_path: Path, cuda: bool):
-        self.system, self.port = system, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        vase = system == "sglang-vase"
-        module = "sglang_vase.launch_server" if vase else "sglang.launch_server"
-        self.cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *flags]
-        env = {**os.environ, "SGLANG_LOG_MS": "1"}
-        env.pop("TRITON_INTERPRET", None)  # serving on CPU uses the torch path, not the Triton interpreter
-        if not vase:
-            env.pop("SGLANG_VASE_CONFIG", None)
-            if not cuda:
-                env["SGLANG_USE_CPU_ENGINE"] = "1"
-                self.cmd += CPU_FLAGS
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=tempfile.gettempdir(), start_new_session=True)
-
-    def wait_ready(self, timeout: float) -> float:
-        import requests
-
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.system} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return time.time() - t0
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.system} did not start in {timeout}s:\n{self.log()[-4000:]}")
-
-    def log(self, start: int = 0) -> str:
-        with open(self.log_path, errors="replace") as f:
-            f.seek(start)
-            return f.read()
-
-    def log_offset(self) -> int:
-        self._log.flush()
-        return os.path.getsize(self.log_path)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 15)
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(30)
-            except ProcessLookupError:
-                pass
-        self._log.close()
 
 
 # --------------------------------------------------------------------------------------- client
@@ -516,7 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for system in args.systems:
         flags = common + (vase_flags if system == "sglang-vase" else [])
-        server = Server(system, flags, log_dir / f"{system}.log", cuda)
+        # Plain SGLang gets the CPU route from serving.Server when no GPU is visible.
+        server = Server(flags, vase=system == "sglang-vase", env={"SGLANG_LOG_MS": "1"},
+                        log_path=log_dir / f"{system}.log", cuda=cuda, wait=False)
         try:
             startup = server.wait_ready(args.start_timeout)
             m = POOL_RE.search(server.log())
