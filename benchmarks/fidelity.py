@@ -538,6 +538,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, 4 policies")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--update", action="store_true",
+                   help="re-run only --policies and replace their rows in --out, keeping every other row "
+                        "(same settings required; the full-cache rows stay those of the original run)")
     args = p.parse_args(argv)
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for k, v in preset.items():
@@ -622,7 +625,8 @@ def main(argv=None) -> dict:
     replay.sort(key=lambda r: (r["policy"], r["compression"], r["seed"], r["prompt"]))
     result["replay_runs"] = replay
     result["results"] = aggregate(replay, [], stochastic)
-    out.write_text(json.dumps(result, indent=1))  # partial: replay only
+    if not args.update:
+        out.write_text(json.dumps(result, indent=1))  # partial: replay only
 
     engine = []
     if engine_run is not None:
@@ -637,12 +641,17 @@ def main(argv=None) -> dict:
         engine.sort(key=lambda r: (r["policy"], r["compression"], r["seed"], r["prompt"]))
         result["engine_runs"] = engine
 
+    if args.update:
+        replay, engine, stochastic = merge_into_previous(result, out, policies, replay, engine)
+
     # ---- 4: aggregate, plots, table
     rows = aggregate(replay, engine, stochastic)
     result["results"] = rows
-    result["timing"]["total_seconds"] = time.time() - t_start
+    this_run = result["updates"][-1] if args.update else result
+    timing, machine = this_run["timing"], this_run["machine"]
+    timing["total_seconds"] = time.time() - t_start
     try:
-        result["machine"]["loadavg_end"] = os.getloadavg()
+        machine["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
     table_c = min(compressions, key=lambda c: abs(math.log(c / 4)))
@@ -654,6 +663,41 @@ def main(argv=None) -> dict:
     print(f"[fidelity] wrote {out} and {len(result['plots'])} plots in {result['timing']['total_seconds']:.0f}s",
           flush=True)
     return result
+
+
+# Settings an --update run must share with the file it updates, so that its rows are comparable.
+UPDATE_KEYS = ("model_path", "dataset", "prompts", "engine_prompts", "max_prompt_tokens", "cont_len", "window",
+               "compressions", "seeds", "dtype", "temperature", "top_p")
+
+
+def merge_into_previous(result: dict, out: Path, policies: list[str], replay: list[dict],
+                        engine: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """Replace ``policies``' rows of the previous run in ``out`` by this run's (``--update``): the
+    settings and the greedy reference continuations must be the same, the full-cache rows and every
+    other policy's rows stay. ``result`` takes the previous run's config with the union of policies
+    and a record of this update."""
+    old = json.loads(out.read_text())
+    diff = {k: (old["config"].get(k), result["config"][k]) for k in UPDATE_KEYS
+            if old["config"].get(k) != result["config"][k]}
+    if diff:
+        raise SystemExit(f"--update: settings differ from {out} (previous, now): {diff}")
+    for before, now in zip(old["prompts"], result["prompts"]):
+        if before.get("continuation_text") != now.get("continuation_text"):
+            raise SystemExit(f"--update: the reference continuation of prompt {now['index']} differs from {out}")
+    keep = set(policies)
+
+    def merged(old_rows, new_rows):
+        rows = [r for r in old_rows if r["policy"] not in keep] + [r for r in new_rows if r["policy"] in keep]
+        return sorted(rows, key=lambda r: (r["policy"], r["compression"], r["seed"], r["prompt"]))
+
+    stochastic = {**old["config"]["stochastic"], **result["config"]["stochastic"]}
+    result["config"] = {**old["config"], "policies": sorted(stochastic), "stochastic": stochastic}
+    result["updates"] = old.get("updates", []) + [
+        {"date": result["date"], "command": result["command"], "policies": sorted(keep),
+         "timing": result["timing"], "machine": result["machine"], "engine": result.get("engine")}]
+    for key in ("date", "command", "timing", "machine", "engine"):
+        result[key] = old.get(key)
+    return merged(old["replay_runs"], replay), merged(old.get("engine_runs", []), engine), stochastic
 
 
 def _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start) -> list[dict]:

@@ -1,8 +1,16 @@
 """Test-session setup shared by every test module."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The benchmarks are scripts, not a package: tests import them by name (``import fidelity``), and
+# the fidelity benchmark's spawned replay workers import their module by that same name.
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
 
 if not torch.cuda.is_available():
     # The Triton kernels run under the interpreter on CPU tensors. triton.jit reads the flag when a

@@ -3,17 +3,13 @@ against a real sglang-vase server on the embedded SmolLM2-135M model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
-accuracy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(accuracy)
+import accuracy
 
 DATA_OK = (accuracy.DEFAULT_DATA_DIR / "math.jsonl").exists()
 

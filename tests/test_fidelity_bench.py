@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # spawned replay workers import the module by this name
-import fidelity  # noqa: E402
+import fidelity
 
 DATA_OK = (fidelity.DEFAULT_DATA_DIR / "math.jsonl").exists()
 

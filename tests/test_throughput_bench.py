@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("vase_throughput_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import throughput as bench
 
 
 def test_parse_log_lines():
-    bench = _load()
     log = (
         "[2026-01-02 03:04:05.250] Decode batch, #running-req: 3, #token: 410, token usage: 0.41, "
         "cpu graph: False, gen throughput (token/s): 30.00, #queue-req: 1, \n"
@@ -39,7 +30,6 @@ def test_parse_log_lines():
 
 @pytest.mark.slow
 def test_quick_run(tmp_path):
-    bench = _load()
     out = tmp_path / "throughput.json"
     result = bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs")])
     data = json.loads(out.read_text())
