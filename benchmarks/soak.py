@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sglang_vase.engine.state import evictions_without_retraction
 from sglang_vase.policies import POLICIES, policy_params
 from sglang_vase.serving import Server
 
@@ -167,9 +168,13 @@ def check_valid(case: Case, outputs: list[dict]) -> list[str]:
         if stats is None:
             problems.append("no vase stats")
             continue
+        retracted = bool(meta.get("num_retractions"))
+        expected = evictions_without_retraction(prompt, done, case.budget, case.window)
+        if not retracted and stats["evictions"] != expected:
+            problems.append(f"{stats['evictions']} evictions, expected {expected} (prompt {prompt}, output {done})")
         # A retracted request is re-prefilled whole (prompt + what it had generated): its bound
         # restarts from that length.
-        longest_prefill = prompt + (done if meta.get("num_retractions") else 0)
+        longest_prefill = prompt + (done if retracted else 0)
         bound = max(longest_prefill, case.budget) + case.window
         if stats["peak_kv_len"] > bound:
             problems.append(f"peak KV {stats['peak_kv_len']} > bound {bound}")

@@ -220,6 +220,8 @@ class _Batch:
         for e in self.members:
             e.state.evictions += 1
             e.state.evicted_tokens += n - b
+            e.state.total_evictions += 1
+            e.state.total_evicted_tokens += n - b
         return self.slots[:, k : n - r].reshape(-1)
 
 

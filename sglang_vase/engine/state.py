@@ -33,6 +33,15 @@ def derive_seed(rid: str, server_seed: int | None) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
+def evictions_without_retraction(prompt_len: int, output_len: int, budget: int, window: int) -> int:
+    """Evictions of a request that was never retracted: the triggers (n > B, n % R == 0) met by the
+    physical lengths prompt+1 .. prompt+output-1 (the last sampled token is never written back):
+    the first multiple of R above max(B, prompt), then every R decode steps (n drops to B at each)."""
+    first = (max(budget, prompt_len) // window + 1) * window
+    last = prompt_len + output_len - 1
+    return 0 if first > last else 1 + (last - first) // window
+
+
 @dataclass
 class RequestState:
     params: VaseParams
@@ -40,8 +49,12 @@ class RequestState:
     rid: str
     # Tokens its last (re)prefill writes: the prompt, or prompt + output after a retraction.
     prefill_len: int
+    # Since the last (re)prefill: they drive the slot bound and the noise stream.
     evictions: int = 0
     evicted_tokens: int = 0
+    # Over the request's life, retractions included: what meta_info["vase"] reports.
+    total_evictions: int = 0
+    total_evicted_tokens: int = 0
     peak_kv_len: int = 0
     ring_row: int = 0  # its query-ring row; 0 = none
 
@@ -63,7 +76,8 @@ class RequestState:
         return first <= self.prefill_len + remaining_new_tokens - 1
 
     def restart(self, prefill_len: int) -> None:
-        """After a retraction the request is re-prefilled uncompressed: start over."""
+        """After a retraction the request is re-prefilled uncompressed: its eviction sequence
+        starts over (the totals keep counting)."""
         self.prefill_len = prefill_len
         self.evictions = 0
         self.evicted_tokens = 0
