@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_vase.engine.state import evictions_without_retraction
+from sglang_vase.engine.state import evictions_in
 from sglang_vase.policies import POLICIES, policy_params
 from sglang_vase.serving import Server
 
@@ -169,7 +169,7 @@ def check_valid(case: Case, outputs: list[dict]) -> list[str]:
             problems.append("no vase stats")
             continue
         retracted = bool(meta.get("num_retractions"))
-        expected = evictions_without_retraction(prompt, done, case.budget, case.window)
+        expected = evictions_in(prompt, done, case.budget, case.window)
         if not retracted and stats["evictions"] != expected:
             problems.append(f"{stats['evictions']} evictions, expected {expected} (prompt {prompt}, output {done})")
         # A retracted request is re-prefilled whole (prompt + what it had generated): its bound
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
         with cf.ThreadPoolExecutor(args.clients) as pool:
             for i, rec in enumerate(pool.map(lambda c: run_case(server, c), cases), 1):
                 records.append(rec)
+                if not rec["ok"]:
+                    print(f"[soak] wrong: {json.dumps(rec)}", flush=True)
                 if i % 50 == 0 or i == len(cases):
                     bad = sum(not r["ok"] for r in records)
                     print(f"[soak] {i}/{len(cases)} answered, {bad} wrong, {time.time() - t0:.0f}s", flush=True)

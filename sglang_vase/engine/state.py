@@ -33,12 +33,16 @@ def derive_seed(rid: str, server_seed: int | None) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def evictions_without_retraction(prompt_len: int, output_len: int, budget: int, window: int) -> int:
-    """Evictions of a request that was never retracted: the triggers (n > B, n % R == 0) met by the
-    physical lengths prompt+1 .. prompt+output-1 (the last sampled token is never written back):
-    the first multiple of R above max(B, prompt), then every R decode steps (n drops to B at each)."""
-    first = (max(budget, prompt_len) // window + 1) * window
-    last = prompt_len + output_len - 1
+def evictions_in(prefill_len: int, new_tokens: int, budget: int, window: int) -> int:
+    """Evictions while a (re)prefill of ``prefill_len`` tokens goes on to sample ``new_tokens``.
+
+    The prefill samples the first token; decode step k writes token k and samples token k + 1, at
+    physical length prefill + k. The step that samples the last token finishes the request, which
+    is then released, not evicted: triggers (n > B, n % R == 0) count for n up to
+    prefill + new_tokens - 2, i.e. the first multiple of R above max(B, prefill), then every R steps
+    (n drops to B at each)."""
+    first = (max(budget, prefill_len) // window + 1) * window
+    last = prefill_len + new_tokens - 2
     return 0 if first > last else 1 + (last - first) // window
 
 
@@ -66,14 +70,8 @@ class RequestState:
         return self.params.slot_bound(self.prefill_len)
 
     def reaches_trigger(self, remaining_new_tokens: int) -> bool:
-        """Whether decoding ``remaining_new_tokens`` more tokens after the (re)prefill can evict.
-
-        After a decode step the physical length is n in prefill+1 .. prefill+remaining-1 (the last
-        sampled token is never written back); eviction needs n > B with n % R == 0.
-        """
-        b, r = self.params.budget, self.params.window
-        first = (max(b, self.prefill_len) // r + 1) * r
-        return first <= self.prefill_len + remaining_new_tokens - 1
+        """Whether sampling ``remaining_new_tokens`` more tokens after the (re)prefill can evict."""
+        return evictions_in(self.prefill_len, remaining_new_tokens, self.params.budget, self.params.window) > 0
 
     def restart(self, prefill_len: int) -> None:
         """After a retraction the request is re-prefilled uncompressed: its eviction sequence
