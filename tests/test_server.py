@@ -210,6 +210,13 @@ def test_openai_client_and_frontend_program(vase_server):
     )
     assert chat.choices[0].message.content
     assert chat.usage.completion_tokens == 200  # well past the budget: evicted several times
+    stats = chat.model_dump()["metadata"]["vase"]  # meta_info["vase"] of each choice
+    assert len(stats) == 1 and stats[0]["budget"] == 64 and stats[0]["evictions"] >= 8
+    r = requests.post(f"{vase_server.url}/v1/completions", json={
+        "model": "default", "prompt": PROMPT, "max_tokens": 100, "n": 2, "ignore_eos": True,
+        "custom_params": {"vase": {"budget": 64, "window": 16}}}, timeout=300)
+    stats = r.json()["metadata"]["vase"]
+    assert len(stats) == 2 and all(st["evictions"] >= 2 for st in stats), stats
     r = requests.post(f"{vase_server.url}/v1/completions", json={
         "model": "default", "prompt": PROMPT, "max_tokens": 8, "custom_params": {"vase": {"budget": 3}}}, timeout=60)
     assert r.status_code == 400 and "budget" in r.text

@@ -1,0 +1,11 @@
+"""``OpenAIServingChat._build_chat_response`` (sglang 0.5.23): the eviction stats of each choice in
+the response's ``metadata["vase"]``, as for completions (``completion_response``)."""
+
+from sglang_vase.patches.completion_response import with_vase_metadata
+
+TARGET = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._build_chat_response"
+HOOK_TYPE = "AFTER"
+
+
+def hook(result, self, request, ret, *args, **kwargs):
+    return with_vase_metadata(result, ret)
