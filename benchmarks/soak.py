@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--invalid-share", type=float, default=0.10)
     ap.add_argument("--abort-share", type=float, default=0.04)
-    ap.add_argument("--max-new-tokens", type=int, default=160, help="output lengths are drawn from 8..this")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="output lengths are drawn from 8..this")
     ap.add_argument("--retract-interval", type=int, default=60, help="forced retraction every N scheduler steps")
     ap.add_argument("--max-total-tokens", type=int, default=6144)
     ap.add_argument("--max-running-requests", type=int, default=16)

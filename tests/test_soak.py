@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_soak_150_requests(tmp_path):
-    report = soak.main(["--requests", "150", "--clients", "6", "--seed", "1", "--out",
+    report = soak.main(["--requests", "150", "--max-new-tokens", "64", "--seed", "1", "--out",
                                str(tmp_path / "soak.json")])
     assert report["failures"] == [], report["failures"]
     assert report["server_deaths"] == 0 and report["still_serving"]
