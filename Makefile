@@ -8,7 +8,7 @@ ARGS  ?=
 # Extra pytest flags for `make test`, e.g. PYTEST_ARGS="-m 'not slow'"
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test gpu-check clean
+.PHONY: install model serve serve-dp test gpu-check clean
 
 install:
 	@VENV=$(VENV) bash scripts/install.sh $(ROUTE)
@@ -19,6 +19,10 @@ model: install
 serve: model
 	@echo "sglang-vase on http://127.0.0.1:$(PORT)  (try: curl http://127.0.0.1:$(PORT)/generate -H 'Content-Type: application/json' -d '{\"text\": \"Hello\", \"sampling_params\": {\"max_new_tokens\": 32}}')"
 	$(PY) -m sglang_vase.launch_server --host 127.0.0.1 --port $(PORT) $(ARGS)
+
+# Two data-parallel replicas (schedulers) behind one endpoint; on CPU each gets half the cores.
+serve-dp: model
+	$(PY) -m sglang_vase.launch_server --host 127.0.0.1 --port $(PORT) --dp-size 2 $(ARGS)
 
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)

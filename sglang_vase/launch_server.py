@@ -137,6 +137,10 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
         env.update(CPU_ENV)
         added = [a for f, v in CPU_FLAGS + CPU_SIZE_FLAGS if (a := _ensure(argv, f, v))]
         notes.append(f"no CUDA device: SGLang's CPU route (SGLANG_USE_CPU_ENGINE=1{', ' if added else ''}{', '.join(added)})")
+        binding = cpu_rank_threads(argv)
+        if binding:
+            env.update(binding)
+            notes.append("CPU ranks share the cores: " + ", ".join(f"{k}={v}" for k, v in binding.items()))
 
     if params.enabled:
         for flag, why in REFUSED_FLAGS.items():
@@ -162,6 +166,28 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     else:
         notes.append("--vase-policy none: plain SGLang (requests may not ask for eviction)")
     return params, argv, env, notes
+
+
+def cpu_rank_threads(argv: list[str]) -> dict:
+    """Env giving each of SGLang's CPU ranks (dp x tp x pp processes) its own cores, when there is
+    more than one: SGLang asks for one NUMA node a rank unless SGLANG_CPU_OMP_THREADS_BIND lists
+    them, and each rank would otherwise run as many torch threads as the machine has cores."""
+    ranks = 1
+    for names in (("--dp-size", "--data-parallel-size"), ("--tp-size", "--tensor-parallel-size"),
+                  ("--pp-size", "--pipeline-parallel-size")):
+        value = next((v for n in names if (v := _flag_value(argv, n))), None)
+        ranks *= int(value) if value else 1
+    if ranks == 1:
+        return {}
+    env = {}
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // ranks)
+    if "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+        groups = [[cores[(i * per + j) % len(cores)] for j in range(per)] for i in range(ranks)]
+        env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(per)
+    return env
 
 
 def _is_embedded(model_path: str) -> bool:

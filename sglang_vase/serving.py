@@ -1,9 +1,10 @@
-"""Start and wait for SGLang servers (plain or sglang-vase) on loopback: one copy for the tests,
-the benchmarks and the soak run.
+"""Start and wait for SGLang servers (plain or sglang-vase) and sglang-router on loopback: one copy
+for the tests, the benchmarks and the soak run.
 
     server = Server(["--max-total-tokens", "8192"])          # sglang-vase, embedded model
     plain = Server(["--max-total-tokens", "8192"], vase=False)  # plain SGLang, same flags
-    server.wait_ready(); server.generate("Hello", max_new_tokens=16); server.stop()
+    server.generate("Hello", max_new_tokens=16); server.stop()
+    router = Router([a.url, b.url], ["--policy", "round_robin"])  # in front of two servers
 
 Plain SGLang gets the CPU route exactly as ``sglang_vase.launch_server`` sets it up when no GPU is
 visible (``launch_server.CPU_FLAGS``), so both systems differ only by eviction.
@@ -44,48 +45,25 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-class Server:
-    """A server process with its log in a file. ``vase=False`` starts plain ``sglang.launch_server``.
+class _Process:
+    """A loopback HTTP service in its own process group, its log in a file; ``wait_ready`` polls
+    ``/health``, ``stop`` is idempotent."""
 
-    The model defaults to the embedded one; ``cuda=None`` asks torch whether a GPU is visible.
-    ``strict_memory`` turns SGLang's memory checks on (``STRICT_MEMORY_ENV``). ``wait=True`` returns
-    once /health answers (``wait_ready`` otherwise); ``stop`` is idempotent.
-    """
-
-    def __init__(self, args: list[str], vase: bool = True, env: dict | None = None, log_path: Path | None = None,
-                 cuda: bool | None = None, wait: bool = True, timeout: float = 300, strict_memory: bool = False):
-        self.vase, self.port = vase, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        module = "sglang_vase.launch_server" if vase else "sglang.launch_server"
-        self.cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args]
-        if not _has_flag(args, "--model-path"):
-            from sglang_vase.models import prepare_default_model
-
-            self.cmd += ["--model-path", prepare_default_model()]
-        full_env = {**os.environ, **(STRICT_MEMORY_ENV if strict_memory else {}), **(env or {})}
-        full_env.pop("TRITON_INTERPRET", None)  # serving on CPU uses the torch path, not the interpreter
-        if not vase:
-            full_env.pop("SGLANG_VASE_CONFIG", None)
-            if cuda is None:
-                import torch
-
-                cuda = torch.cuda.is_available()
-            if not cuda:
-                full_env.update(CPU_ENV)
-                self.cmd += [x for flag, value in CPU_FLAGS if not _has_flag(args, flag)
-                             for x in ((flag,) if value is None else (flag, value))]
+    def __init__(self, cmd: list[str], port: int, env: dict, log_path: Path | None, wait: bool, timeout: float):
+        self.cmd, self.port = cmd, port
+        self.url = f"http://127.0.0.1:{port}"
         if log_path is None:
-            log_path = Path(tempfile.mkstemp(prefix=f"server-{self.port}-", suffix=".log")[1])
+            log_path = Path(tempfile.mkstemp(prefix=f"{type(self).__name__.lower()}-{port}-", suffix=".log")[1])
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=tempfile.gettempdir(), start_new_session=True)
         if wait:
             self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 300, cancel: threading.Event | None = None) -> float:
-        """Seconds until /health answered; raises with the log's tail if the server died or hung."""
+        """Seconds until /health answered; raises with the log's tail if the process died or hung."""
         import requests
 
         t0 = time.time()
@@ -93,7 +71,7 @@ class Server:
             if cancel is not None and cancel.is_set():
                 raise RuntimeError("cancelled")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                raise RuntimeError(f"{self.cmd[2]} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
                 if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return time.time() - t0
@@ -101,7 +79,7 @@ class Server:
                 pass
             time.sleep(1)
         self.stop()
-        raise TimeoutError(f"server did not start in {timeout}s:\n{self.log()[-4000:]}")
+        raise TimeoutError(f"{self.cmd[2]} did not start in {timeout}s:\n{self.log()[-4000:]}")
 
     def log(self, start: int = 0) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -114,6 +92,52 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                    self.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(30)
+                except ProcessLookupError:
+                    pass
+            if not self._log.closed:
+                self._log.close()
+
+
+class Server(_Process):
+    """A server process. ``vase=False`` starts plain ``sglang.launch_server``.
+
+    The model defaults to the embedded one; ``cuda=None`` asks torch whether a GPU is visible.
+    ``strict_memory`` turns SGLang's memory checks on (``STRICT_MEMORY_ENV``). ``wait=True`` returns
+    once /health answers (``wait_ready`` otherwise); ``stop`` is idempotent.
+    """
+
+    def __init__(self, args: list[str], vase: bool = True, env: dict | None = None, log_path: Path | None = None,
+                 cuda: bool | None = None, wait: bool = True, timeout: float = 300, strict_memory: bool = False):
+        self.vase, port = vase, free_port()
+        module = "sglang_vase.launch_server" if vase else "sglang.launch_server"
+        cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+        if not _has_flag(args, "--model-path"):
+            from sglang_vase.models import prepare_default_model
+
+            cmd += ["--model-path", prepare_default_model()]
+        full_env = {**os.environ, **(STRICT_MEMORY_ENV if strict_memory else {}), **(env or {})}
+        full_env.pop("TRITON_INTERPRET", None)  # serving on CPU uses the torch path, not the interpreter
+        if not vase:
+            full_env.pop("SGLANG_VASE_CONFIG", None)
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                full_env.update(CPU_ENV)
+                cmd += [x for flag, value in CPU_FLAGS if not _has_flag(args, flag)
+                        for x in ((flag,) if value is None else (flag, value))]
+        super().__init__(cmd, port, full_env, log_path, wait, timeout)
 
     def generate(self, text=None, max_new_tokens: int = 32, vase=None, timeout: float = 600, extra: dict | None = None,
                  input_ids: list[int] | None = None, **sampling) -> dict:
@@ -148,16 +172,13 @@ class Server:
         """Most requests decoding at once, from SGLang's decode log lines (from log offset ``start``)."""
         return max((int(m) for m in _DECODE_RUNNING_RE.findall(self.log(start))), default=0)
 
-    def stop(self) -> None:
-        with self._lock:
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                    self.proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(30)
-                except ProcessLookupError:
-                    pass
-            if not self._log.closed:
-                self._log.close()
+
+class Router(_Process):
+    """sglang-router (``python -m sglang_router.launch_router``) in front of ``worker_urls``."""
+
+    def __init__(self, worker_urls: list[str], args: list[str] = (), env: dict | None = None,
+                 log_path: Path | None = None, wait: bool = True, timeout: float = 120):
+        port = free_port()
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+               "--worker-urls", *worker_urls, *args]
+        super().__init__(cmd, port, {**os.environ, **(env or {})}, log_path, wait, timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -52,6 +53,22 @@ def test_embedded_model_defaults_evict_in_a_demo_and_every_flag_is_logged_once()
     for flag in ("--device cpu", "--attention-backend torch_native", "--max-total-tokens 65536", "--page-size 1",
                  "--vase-budget 128", "--vase-window 32", "--vase-ring-rows auto", "--vase-workspace-mb 256"):
         assert text.count(flag) == 1, (flag, text)
+
+
+def test_cpu_ranks_get_their_own_cores(monkeypatch):
+    """--dp-size 2 on the CPU route: one core group a rank (SGLang would ask for a NUMA node each)."""
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    _, _, env, notes = prepare(MODEL + ["--dp-size", "2"], cuda_available=False)
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3" and env["OMP_NUM_THREADS"] == "2"
+    assert any("SGLANG_CPU_OMP_THREADS_BIND=0,1|2,3" in n for n in notes)
+    _, _, env, _ = prepare(MODEL + ["--dp-size", "2", "--tp-size", "2"], cuda_available=False)
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|2|3" and env["OMP_NUM_THREADS"] == "1"
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in prepare(MODEL, cuda_available=False)[2]
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in prepare(MODEL + ["--dp-size", "2"], cuda_available=True)[2]
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")  # the user's binding wins
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in prepare(MODEL + ["--dp-size", "2"], cuda_available=False)[2]
 
 
 def test_policy_none_is_plain_sglang():
