@@ -181,4 +181,20 @@ class Router(_Process):
         port = free_port()
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
                "--worker-urls", *worker_urls, *args]
+        self.worker_urls = list(worker_urls)
         super().__init__(cmd, port, {**os.environ, **(env or {})}, log_path, wait, timeout)
+
+    def wait_ready(self, timeout: float = 120, cancel: threading.Event | None = None) -> float:
+        """Also wait until every worker is registered: the router answers /health at once and
+        registers its workers in the background (requests before that get a 503)."""
+        import requests
+
+        t0 = time.time()
+        super().wait_ready(timeout, cancel)
+        while time.time() - t0 < timeout:
+            listed = requests.get(f"{self.url}/workers", timeout=5).text
+            if all(url in listed for url in self.worker_urls):
+                return time.time() - t0
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"the router did not register {self.worker_urls} in {timeout}s:\n{self.log()[-4000:]}")
