@@ -609,6 +609,9 @@ def main(argv=None) -> dict:
         "prompts": [{k: p[k] for k in ("index", "line", "source_id", "prompt_tokens")} for p in all_prompts],
     }
 
+    # --update: refuse an incomparable run before any work (references: as soon as they exist)
+    previous = load_previous(out, result) if args.update else None
+
     # ---- 3 (in the background): free generation in the engine
     engine_run = None
     if not args.no_engine:
@@ -617,12 +620,12 @@ def main(argv=None) -> dict:
 
     # ---- 1-2: reference continuations, then teacher-forced replay
     try:
-        replay = _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start)
+        replay = _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start, previous)
     except BaseException:
         if engine_run is not None:
             engine_run.abort()
         raise
-    replay.sort(key=lambda r: (r["policy"], r["compression"], r["seed"], r["prompt"]))
+    replay.sort(key=row_order)
     result["replay_runs"] = replay
     result["results"] = aggregate(replay, [], stochastic)
     if not args.update:
@@ -638,11 +641,12 @@ def main(argv=None) -> dict:
             raise
         engine, info = engine_run.outcome()
         result["engine"] = info
-        engine.sort(key=lambda r: (r["policy"], r["compression"], r["seed"], r["prompt"]))
+        engine.sort(key=row_order)
         result["engine_runs"] = engine
 
     if args.update:
-        replay, engine, stochastic = merge_into_previous(result, out, policies, replay, engine)
+        replay, engine, stochastic = merge_into_previous(result, previous, policies, replay, engine)
+        result["replay_runs"], result["engine_runs"] = replay, engine
 
     # ---- 4: aggregate, plots, table
     rows = aggregate(replay, engine, stochastic)
@@ -665,30 +669,45 @@ def main(argv=None) -> dict:
     return result
 
 
+def row_order(row: dict) -> tuple:
+    """The order of replay and engine rows in the results file."""
+    return row["policy"], row["compression"], row["seed"], row["prompt"]
+
+
 # Settings an --update run must share with the file it updates, so that its rows are comparable.
 UPDATE_KEYS = ("model_path", "dataset", "prompts", "engine_prompts", "max_prompt_tokens", "cont_len", "window",
                "compressions", "seeds", "dtype", "temperature", "top_p")
 
 
-def merge_into_previous(result: dict, out: Path, policies: list[str], replay: list[dict],
-                        engine: list[dict]) -> tuple[list[dict], list[dict], dict]:
-    """Replace ``policies``' rows of the previous run in ``out`` by this run's (``--update``): the
-    settings and the greedy reference continuations must be the same, the full-cache rows and every
-    other policy's rows stay. ``result`` takes the previous run's config with the union of policies
-    and a record of this update."""
+def load_previous(out: Path, result: dict) -> dict:
+    """The results file an ``--update`` run merges into; exits if its settings differ."""
     old = json.loads(out.read_text())
     diff = {k: (old["config"].get(k), result["config"][k]) for k in UPDATE_KEYS
             if old["config"].get(k) != result["config"][k]}
     if diff:
         raise SystemExit(f"--update: settings differ from {out} (previous, now): {diff}")
+    return old
+
+
+def check_same_references(old: dict, result: dict) -> None:
+    """Exit unless this run's greedy reference continuations are the previous run's."""
     for before, now in zip(old["prompts"], result["prompts"]):
         if before.get("continuation_text") != now.get("continuation_text"):
-            raise SystemExit(f"--update: the reference continuation of prompt {now['index']} differs from {out}")
+            raise SystemExit(f"--update: the reference continuation of prompt {now['index']} differs from the "
+                             f"previous run's (another machine or torch build?): its rows would not be comparable")
+
+
+def merge_into_previous(result: dict, old: dict, policies: list[str], replay: list[dict],
+                        engine: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """Replace ``policies``' rows of the previous run ``old`` by this run's (``--update``; settings
+    and references checked by ``load_previous`` and ``check_same_references``): the full-cache rows
+    and every other policy's rows stay. ``result`` takes the previous run's config with the union
+    of policies and a record of this update."""
     keep = set(policies)
 
     def merged(old_rows, new_rows):
         rows = [r for r in old_rows if r["policy"] not in keep] + [r for r in new_rows if r["policy"] in keep]
-        return sorted(rows, key=lambda r: (r["policy"], r["compression"], r["seed"], r["prompt"]))
+        return sorted(rows, key=row_order)
 
     stochastic = {**old["config"]["stochastic"], **result["config"]["stochastic"]}
     result["config"] = {**old["config"], "policies": sorted(stochastic), "stochastic": stochastic}
@@ -700,7 +719,8 @@ def merge_into_previous(result: dict, out: Path, policies: list[str], replay: li
     return merged(old["replay_runs"], replay), merged(old.get("engine_runs", []), engine), stochastic
 
 
-def _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start) -> list[dict]:
+def _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start,
+                 previous: dict | None = None) -> list[dict]:
     """Reference continuations, then every teacher-forced replay, in a pool of 1-thread workers."""
     with tempfile.TemporaryDirectory(prefix="fidelity-refs-") as tmp:
         ref_jobs = [{"prompt": p["index"], "prompt_ids": p["input_ids"], "cont_len": args.cont_len,
@@ -735,6 +755,8 @@ def _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result,
             result["timing"] = {"reference_seconds": time.time() - t0}
             for r in refs:
                 result["prompts"][r["prompt"]]["continuation_text"] = tokenizer.decode(r["tokens"])
+            if previous is not None:
+                check_same_references(previous, result)
             t0 = time.time()
             replay = _run_jobs(pool, _replay_task, replay_jobs, "replay", t_start)
             result["timing"]["replay_seconds"] = time.time() - t0
