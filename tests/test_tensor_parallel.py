@@ -1,0 +1,110 @@
+"""Tensor parallelism, rank-local: two torch.distributed (gloo) processes each hold half of the KV
+heads and run the engine's eviction round on their own pool, as SGLang's TP ranks do.
+
+SGLang 0.5.23 cannot run ``--tp-size 2`` on this CPU route (its TP group builds a PyNccl
+communicator on the CPU device and raises "Expected a cuda device"; plain SGLang too), so this is
+the evidence that a rank needs no all-reduce: over many decode steps with the engine's bookkeeping
+(slots from a free list, one token per step, ``evict`` at each trigger, freed slots reused) the
+ranks agree on every length, trigger and freed slot, and each keeps exactly what one process
+holding every head keeps for its heads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sglang_vase.config import VaseParams
+from sglang_vase.engine.evictor import Eviction, evict
+from sglang_vase.engine.selection import should_evict
+from sglang_vase.engine.state import DeviceState, RequestState
+
+LAYERS, H_KV, GROUP, D, POOL, ROWS, WORLD = 2, 4, 2, 16, 512, 6, 2
+# (req_to_token row, prompt length, budget, window): triggers at different steps for each.
+REQUESTS = [(1, 10, 32, 8), (3, 21, 24, 4), (4, 45, 40, 8)]
+STEPS = 64
+
+
+def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
+    """Decode every request for STEPS tokens holding KV heads ``heads`` (their query heads too).
+    Every process draws the K/V/q of all heads from one generator and keeps its slice."""
+    g = torch.Generator().manual_seed(seed)
+    h_local = heads.stop - heads.start
+    k_bufs = [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)]
+    v_bufs = [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)]
+    req_to_token = torch.zeros(ROWS, 256, dtype=torch.int32)
+    device = DeviceState(ROWS, len(REQUESTS), LAYERS, 8, h_local * GROUP, D, torch.float32, "cpu",
+                         head_offset=heads.start)
+    states = [RequestState(VaseParams(policy=policy, budget=b, window=w), seed=seed + i, rid=f"r{i}",
+                           prefill_len=p, ring_row=device.bind_ring_row(row))
+              for i, (row, p, b, w) in enumerate(REQUESTS)]
+    free, lengths, events = list(range(1, POOL)), [0] * len(REQUESTS), []
+    for position in range(max(p for _, p, _, _ in REQUESTS) + STEPS):
+        due = []
+        for i, (row, prompt, budget, window) in enumerate(REQUESTS):
+            if position >= prompt + STEPS:
+                continue
+            slot = free.pop(0)
+            for layer in range(LAYERS):
+                k_bufs[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
+                v_bufs[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
+                q = torch.randn(1, H_KV * GROUP, D, generator=g)[:, heads.start * GROUP : heads.stop * GROUP]
+                device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), q)
+            req_to_token[row, lengths[i]] = slot
+            lengths[i] += 1
+            if position >= prompt and should_evict(lengths[i], budget, window):
+                due.append(Eviction(row=row, length=lengths[i], state=states[i]))
+        if due:
+            result = evict(due, req_to_token, k_bufs, v_bufs, device)
+            assert not result.failed, result.failed
+            freed = result.freed_slots().tolist()
+            free += freed
+            for e in result.evicted:
+                lengths[[r for r, *_ in REQUESTS].index(e.row)] = e.state.params.budget
+            events.append((position, [(e.row, e.length) for e in due], freed))
+    assert all(st.evictions >= 5 for st in states), [st.evictions for st in states]
+    return events, {"k": k_bufs, "v": v_bufs, "rows": req_to_token, "offsets": device.position_offset,
+                    "lengths": lengths}
+
+
+def _rank(rank: int, port: int, policy: str, seed: int) -> None:
+    torch.set_num_threads(1)
+    # The torch path (the Triton kernels' parity is tests/test_evictor.py's): the interpreter would
+    # make this test minutes long.
+    os.environ["TRITON_INTERPRET"] = "0"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        per_rank = H_KV // WORLD
+        heads = slice(rank * per_rank, (rank + 1) * per_rank)
+        events, mine = _serve(policy, seed, heads)
+        # The ranks agree on every trigger, length and freed slot, step by step.
+        everyone = [None] * WORLD
+        dist.all_gather_object(everyone, events)
+        assert all(e == everyone[0] for e in everyone), f"seed {seed}: ranks disagree on an eviction"
+        # And each keeps what one process holding all heads keeps for its heads.
+        single_events, single = _serve(policy, seed, slice(0, H_KV))
+        assert events == single_events, f"seed {seed}"
+        assert torch.equal(mine["rows"], single["rows"]) and torch.equal(mine["offsets"], single["offsets"])
+        assert mine["lengths"] == single["lengths"]
+        for layer in range(LAYERS):
+            assert torch.equal(mine["k"][layer], single["k"][layer][:, heads]), f"seed {seed}, rank {rank}"
+            assert torch.equal(mine["v"][layer], single["v"][layer][:, heads]), f"seed {seed}, rank {rank}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("policy", ["vase", "snapkv-sample", "rkv", "streamingllm"])
+def test_two_ranks_keep_what_one_process_keeps(policy):
+    seed = int.from_bytes(os.urandom(4), "little")
+    mp.spawn(_rank, args=(_free_port(), policy, seed), nprocs=WORLD, join=True)
