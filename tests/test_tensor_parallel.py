@@ -12,7 +12,6 @@ holding every head keeps for its heads.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from sglang_vase.config import VaseParams
 from sglang_vase.engine.evictor import Eviction, evict
 from sglang_vase.engine.selection import should_evict
 from sglang_vase.engine.state import DeviceState, RequestState
+from sglang_vase.serving import free_port
 
 LAYERS, H_KV, GROUP, D, POOL, ROWS, WORLD = 2, 4, 2, 16, 512, 6, 2
 # (req_to_token row, prompt length, budget, window): triggers at different steps for each.
@@ -38,7 +38,8 @@ def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
     k_bufs = [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)]
     v_bufs = [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)]
     req_to_token = torch.zeros(ROWS, 256, dtype=torch.int32)
-    device = DeviceState(ROWS, len(REQUESTS), LAYERS, 8, h_local * GROUP, D, torch.float32, "cpu",
+    ring_window = max(w for *_, w in REQUESTS)
+    device = DeviceState(ROWS, len(REQUESTS), LAYERS, ring_window, h_local * GROUP, D, torch.float32, "cpu",
                          head_offset=heads.start)
     states = [RequestState(VaseParams(policy=policy, budget=b, window=w), seed=seed + i, rid=f"r{i}",
                            prefill_len=p, ring_row=device.bind_ring_row(row))
@@ -64,8 +65,9 @@ def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
             assert not result.failed, result.failed
             freed = result.freed_slots().tolist()
             free += freed
-            for e in result.evicted:
-                lengths[[r for r, *_ in REQUESTS].index(e.row)] = e.state.params.budget
+            for i, st in enumerate(states):
+                if any(e.state is st for e in result.evicted):
+                    lengths[i] = st.params.budget
             events.append((position, [(e.row, e.length) for e in due], freed))
     assert all(st.evictions >= 5 for st in states), [st.evictions for st in states]
     return events, {"k": k_bufs, "v": v_bufs, "rows": req_to_token, "offsets": device.position_offset,
@@ -98,13 +100,7 @@ def _rank(rank: int, port: int, policy: str, seed: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("policy", ["vase", "snapkv-sample", "rkv", "streamingllm"])
 def test_two_ranks_keep_what_one_process_keeps(policy):
     seed = int.from_bytes(os.urandom(4), "little")
-    mp.spawn(_rank, args=(_free_port(), policy, seed), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(free_port(), policy, seed), nprocs=WORLD, join=True)
