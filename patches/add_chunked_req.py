@@ -9,5 +9,5 @@ HOOK_TYPE = "AROUND"
 
 
 def hook(original, self, req, *args, **kwargs):
-    with reserve_as_bounded(req):
+    with reserve_as_bounded(self, req):
         return original(self, req, *args, **kwargs)

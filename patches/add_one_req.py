@@ -21,5 +21,5 @@ def hook(original, self, req, *args, **kwargs):
         pending = sum(1 for r in self.can_run_list if needs_ring_row(r))
         if state.DEVICE.free_ring_rows() - pending <= 0:
             return self.budget_state()
-    with reserve_as_bounded(req):
+    with reserve_as_bounded(self, req):
         return original(self, req, *args, **kwargs)

@@ -15,4 +15,5 @@ def hook(req, self, *args, **kwargs):
     defaults = server_defaults()
     params = request_params(req.sampling_params.custom_params, defaults)
     seed = params.seed if params.seed is not None else derive_seed(req.rid, defaults.seed)
-    req._vase = RequestState(params=params, seed=seed, rid=req.rid, prefill_len=len(req.origin_input_ids))
+    prompt = len(req.origin_input_ids)
+    req._vase = RequestState(params=params, seed=seed, rid=req.rid, prefill_len=prompt, pinned=params.pinned(prompt))

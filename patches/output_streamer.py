@@ -4,6 +4,7 @@ eviction stats, sent with each output to the tokenizer manager (see ``tokenizer_
 SGLang's documented extension point; ``scheduler_init`` sets ``has_additional_customized_info``.
 """
 
+from sglang_vase.engine.evictor import discard_trace
 from sglang_vase.engine.state import request_state
 
 TARGET = (
@@ -18,10 +19,13 @@ def stats(req) -> dict | None:
     st = request_state(req)
     if st is None:
         return None
+    if st.settle(len(req.output_ids), req.finished()):
+        discard_trace(st)
     return {
         "policy": st.params.policy,
         "budget": st.params.budget,
         "window": st.params.window,
+        "keep_prompt": st.params.keep_prompt,
         "evictions": st.total_evictions,
         "evicted_tokens": st.total_evicted_tokens,
         "kv_len": req.kv.kv_committed_len if req.kv.holds_kv else 0,

@@ -1,8 +1,10 @@
 """``Req.reset_for_retract`` (sglang 0.5.23): a retracted request starts its eviction state over.
 
-Retraction frees the whole row and later re-prefills prompt + output uncompressed (the tokens
-evicted before are attended again), so the eviction count restarts and the slot bound is that of
-the longer prefill (``add_request_to_queue`` aborts the request when that bound exceeds the pool).
+Retraction frees the whole row (SGLang's release inserts nothing: it does not checkpoint) and later
+re-prefills prompt + output uncompressed (the tokens evicted before are attended again), so the
+eviction count restarts, the slot bound is that of the longer prefill (``add_request_to_queue``
+aborts the request when that bound exceeds the pool), and its uncompacted row may enter the radix
+tree again: the request's own ``skip_radix_cache_insert`` comes back.
 """
 
 from sglang_vase.engine.state import request_state
@@ -13,5 +15,10 @@ HOOK_TYPE = "AFTER"
 
 def hook(result, self, *args, **kwargs):
     state = request_state(self)
-    if state is not None:
-        state.restart(prefill_len=len(self.origin_input_ids) + len(self.output_ids))
+    if state is None:
+        return
+    prompt = len(self.origin_input_ids)
+    state.restart(prefill_len=prompt + len(self.output_ids), pinned=state.params.pinned(prompt))
+    if state.saved_skip_insert is not None:
+        self.skip_radix_cache_insert = state.saved_skip_insert
+        state.saved_skip_insert = None

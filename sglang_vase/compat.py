@@ -33,14 +33,10 @@ def scheduler_refusals(scheduler) -> list[str]:
     from sglang.srt.runtime_context import get_parallel
 
     reasons = []
-    if scheduler.enable_overlap:
-        reasons.append("the overlap scheduler (pass --disable-overlap-schedule)")
     if not scheduler.spec_algorithm.is_none():
         reasons.append("speculative decoding")
     if scheduler.page_size != 1:
         reasons.append(f"--page-size {scheduler.page_size} (token-level eviction needs --page-size 1)")
-    if not getattr(scheduler.tree_cache, "disable", False):
-        reasons.append("the radix cache (pass --disable-radix-cache)")
     if scheduler.is_mixed_chunk:
         reasons.append("--enable-mixed-chunk")
     if scheduler.is_hybrid_swa or getattr(scheduler, "is_hybrid_ssm", False):

@@ -6,6 +6,7 @@ defaults through ``sampling_params.custom_params`` (``custom_params`` at the top
 requests)::
 
     {"vase": {"policy": "vase", "budget": 512, "window": 64, "n_large": 128, "seed": 7}}
+    {"vase": {"keep_prompt": true}}                   # never evict the prompt; B counts generated tokens
     {"vase": false}                                   # this request keeps its full cache
 """
 
@@ -28,7 +29,7 @@ ENV_VAR = "SGLANG_VASE_CONFIG"
 DEFAULT_WORKSPACE_MB = 256
 DISABLED = "none"
 # Fields a request may set in custom_params["vase"]; sort_kept is a server-wide choice.
-REQUEST_FIELDS = ("policy", "budget", "window", "n_large", "seed")
+REQUEST_FIELDS = ("policy", "budget", "window", "n_large", "seed", "keep_prompt")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class VaseParams:
     window: int = 64
     n_large: int | None = None  # None: the policy's default (budget // 4 for vase)
     seed: int | None = None  # None: a seed derived from the request id
+    # The paper's budget (False): B counts every token the request attends, prompt included. True: the
+    # prompt is never evicted (it stays shared in the radix cache) and B counts generated tokens.
+    keep_prompt: bool = False
     # Server-wide only (not settable per request):
     sort_kept: bool = False
     ring_rows: int | None = None  # query-ring rows; None: what the pool holds at this budget
@@ -53,9 +57,15 @@ class VaseParams:
         """The policy object; raises ValueError naming the bad parameter."""
         return _build_policy(self.policy, self.budget, self.window, self.n_large, self.sort_kept)
 
+    def pinned(self, prompt_len: int) -> int:
+        """Leading KV columns eviction never touches: the prompt with keep_prompt, else none."""
+        return prompt_len if self.keep_prompt else 0
+
     def slot_bound(self, prompt_len: int) -> int:
-        """Most KV slots the request can ever hold: max(prompt, B) + R (VASE_SPEC, static footprint)."""
-        return max(prompt_len, self.budget) + self.window
+        """Most KV slots the request can ever hold (VASE_SPEC, static footprint): max(prompt, B) + R,
+        or prompt + B + R with keep_prompt."""
+        pinned = self.pinned(prompt_len)
+        return pinned + max(prompt_len - pinned, self.budget) + self.window
 
     def memory_plan(self, shape: "ModelShape") -> "Plan":
         """How the query ring and the eviction workspace share the KV budget (``engine.memory``)."""
@@ -74,6 +84,8 @@ class VaseParams:
         if self.ring_rows is not None and (isinstance(self.ring_rows, bool) or not isinstance(self.ring_rows, int)
                                            or self.ring_rows < 0):
             raise ValueError(f"vase ring_rows must be a non-negative integer, got {self.ring_rows!r}")
+        if not isinstance(self.keep_prompt, bool):
+            raise ValueError(f"vase keep_prompt must be a boolean, got {self.keep_prompt!r}")
         if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb < 1:
             raise ValueError(f"vase workspace_mb must be a positive integer, got {self.workspace_mb!r}")
         if self.enabled:

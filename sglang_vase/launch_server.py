@@ -5,8 +5,8 @@ eviction defaults (requests may override them, see ``sglang_vase.config``). The 
 - serves the embedded SmolLM2-135M model when no ``--model-path`` is given;
 - on a machine without CUDA, sets SGLang's CPU route up (device, torch_native attention, no CUDA
   graphs, bounded KV pool and request count) and says so in one log line;
-- adds the flags eviction needs (no radix cache, no overlap scheduler, page size 1) and refuses,
-  at startup, the flags it cannot honour.
+- adds the flags eviction needs (page size 1; on CUDA no prefill CUDA graph) and refuses, at
+  startup, the flags it cannot honour. SGLang's radix cache and overlap scheduler stay on.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ REFUSED_FLAGS = {
     "--enable-mixed-chunk": "mixed prefill/decode batches compute decode positions from the physical length",
     "--enable-hierarchical-cache": "the hierarchical cache stores rows that eviction compacts",
     "--enable-dp-attention": "DP attention is not supported with eviction yet",
-    "--enable-radix-cache": "a compacted row must never enter the radix tree (prefix sharing is not supported yet)",
 }
 # Flags whose value must be one of these with eviction: (allowed values, reason).
 VALUED_FLAGS = {
@@ -69,6 +68,9 @@ def vase_parser() -> argparse.ArgumentParser:
                    help="slots pinned for the largest-magnitude values (default budget // 4)")
     g.add_argument("--vase-seed", type=int, default=None,
                    help="server seed: requests without their own seed derive one from it and their id")
+    g.add_argument("--vase-keep-prompt", action="store_true",
+                   help="never evict the prompt (it stays shared in the radix cache); B then counts generated "
+                        "tokens: footprint prompt + B + R (default: the paper's, B counts every token)")
     g.add_argument("--vase-sort-kept", action="store_true",
                    help="store kept tokens in position order (default: [pinned, sampled], as the paper's code)")
     g.add_argument("--vase-ring-rows", type=int, default=None,
@@ -115,7 +117,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     window = ns.vase_window if ns.vase_window is not None else (EMBEDDED_WINDOW if embedded else VaseParams.window)
     params = VaseParams(
         policy=ns.vase_policy, budget=budget, window=window, n_large=ns.vase_n_large, seed=ns.vase_seed,
-        sort_kept=ns.vase_sort_kept, ring_rows=ns.vase_ring_rows, workspace_mb=ns.vase_workspace_mb,
+        keep_prompt=ns.vase_keep_prompt, sort_kept=ns.vase_sort_kept, ring_rows=ns.vase_ring_rows, workspace_mb=ns.vase_workspace_mb,
     )
     try:
         params.validate()
@@ -151,7 +153,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
             value = _flag_value(argv, flag)
             if value is not None and value.lower() not in allowed:
                 raise LaunchError(f"{flag} {value}: {why} (or pass --vase-policy none)")
-        needed = [("--disable-radix-cache", None), ("--disable-overlap-schedule", None), ("--page-size", "1")]
+        needed = [("--page-size", "1")]
         if cuda_available:
             needed.append(("--cuda-graph-backend-prefill", "disabled"))
         added = [a for f, v in needed if (a := _ensure(argv, f, v))]
@@ -159,7 +161,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
             notes.append(f"KV eviction needs {', '.join(added)} (added)")
         notes.append(f"eviction defaults: policy {params.policy}, --vase-budget {params.budget}, --vase-window "
                      f"{params.window}, --vase-n-large {params.n_large if params.n_large is not None else 'budget // 4'}, "
-                     f"--vase-seed {params.seed}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
+                     f"--vase-seed {params.seed}, --vase-keep-prompt {params.keep_prompt}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
                      f"{params.ring_rows if params.ring_rows is not None else 'auto'}, --vase-workspace-mb "
                      f"{params.workspace_mb}" + (" (budget and window sized for the embedded model)"
                                                  if embedded and ns.vase_budget is None else ""))

@@ -9,7 +9,6 @@ detokenizer's). It does nothing unless the server was started by ``sglang_vase.l
 from __future__ import annotations
 
 import logging
-import pkgutil
 
 from sglang_vase.config import server_defaults
 
@@ -34,12 +33,11 @@ def load() -> None:
 
 
 def check_applied() -> None:
-    """Raise if a patch did not apply (SGLang only logs plugin failures)."""
-    missing = []
-    for patch in _active_patches():
-        owner, _, attr = patch.TARGET.rpartition(".")
-        if not hasattr(getattr(pkgutil.resolve_name(owner), attr), "__wrapped__"):
-            missing.append(patch.TARGET)
+    """Raise if a patch did not apply (SGLang only logs plugin failures). The registry's record is
+    the truth: a target SGLang already decorates (``functools.wraps``) has ``__wrapped__`` either way."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    missing = [p.TARGET for p in _active_patches() if p.TARGET not in HookRegistry._patched]
     if missing:
         raise RuntimeError(f"sglang-vase patches did not apply (is sglang {_pinned()} installed?): {missing}")
 

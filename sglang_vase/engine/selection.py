@@ -15,9 +15,12 @@ from sglang_vase.policies.base import Policy
 _LAYER_STRIDE = 1024
 
 
-def should_evict(n: int, budget: int, window: int) -> bool:
-    """After a decode step, with physical length ``n`` (the new token included)."""
-    return n > budget and n % window == 0
+def should_evict(n: int, budget: int, window: int, pinned: int = 0) -> bool:
+    """After a decode step, with physical length ``n`` (the new token included) of which the first
+    ``pinned`` columns are never evicted (the prompt with keep_prompt): the evictable length
+    g = n - pinned triggers at g > B, g % R == 0, and drops to B."""
+    g = n - pinned
+    return g > budget and g % window == 0
 
 
 def select_keep(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_vase.config import VaseParams
+from sglang_vase.engine.selection import should_evict
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,16 @@ def derive_seed(rid: str, server_seed: int | None) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def evictions_in(prefill_len: int, new_tokens: int, budget: int, window: int) -> int:
+def evictions_in(prefill_len: int, new_tokens: int, budget: int, window: int, pinned: int = 0) -> int:
     """Evictions while a (re)prefill of ``prefill_len`` tokens goes on to sample ``new_tokens``.
 
     The prefill samples the first token; decode step k writes token k and samples token k + 1, at
     physical length prefill + k. The step that samples the last token finishes the request, which
-    is then released, not evicted: triggers (n > B, n % R == 0) count for n up to
-    prefill + new_tokens - 2, i.e. the first multiple of R above max(B, prefill), then every R steps
-    (n drops to B at each)."""
-    first = (max(budget, prefill_len) // window + 1) * window
-    last = prefill_len + new_tokens - 2
+    is then released, not evicted: triggers (g = n - pinned > B, g % R == 0) count for n up to
+    prefill + new_tokens - 2, i.e. the first multiple of R above max(B, prefill - pinned), then every
+    R steps (g drops to B at each)."""
+    first = (max(budget, prefill_len - pinned) // window + 1) * window
+    last = prefill_len - pinned + new_tokens - 2
     return 0 if first > last else 1 + (last - first) // window
 
 
@@ -53,6 +54,8 @@ class RequestState:
     rid: str
     # Tokens its last (re)prefill writes: the prompt, or prompt + output after a retraction.
     prefill_len: int
+    # Leading columns never evicted: the prompt with keep_prompt, else 0 (``VaseParams.pinned``).
+    pinned: int = 0
     # Since the last (re)prefill: they drive the slot bound and the noise stream.
     evictions: int = 0
     evicted_tokens: int = 0
@@ -61,24 +64,78 @@ class RequestState:
     total_evicted_tokens: int = 0
     peak_kv_len: int = 0
     ring_row: int = 0  # its query-ring row; 0 = none
+    # Overlap scheduler: an eviction made while the step before it was in flight, as (output tokens
+    # the request will have once that step is processed, tokens evicted). If that step finished the
+    # request (EOS, stop), the eviction was wasted and ``settle`` takes it back from the counters.
+    provisional: tuple[int, int] | None = None
+    # The request's own skip_radix_cache_insert, saved when its first eviction sets it (a compacted
+    # row must never enter the radix tree) and restored when a retraction starts it over.
+    saved_skip_insert: bool | None = None
+
+    @property
+    def evicted_length(self) -> int:
+        """Physical length right after an eviction: the pinned columns + B."""
+        return self.pinned + self.params.budget
+
+    def due(self, n: int) -> bool:
+        """Whether physical length ``n`` is an eviction trigger. A request is only evicted after a
+        decode step, never at the length its (re)prefill left it with."""
+        if n == self.prefill_len and not self.evictions:
+            return False
+        return should_evict(n, self.params.budget, self.params.window, self.pinned)
 
     def slot_bound(self) -> int:
-        """Most KV slots it can hold from now on (VASE_SPEC, static footprint): max(prefill, B) + R
-        until its first eviction, B + R after it (it then oscillates between B and B + R)."""
+        """Most KV slots it can hold from now on (VASE_SPEC, static footprint): pinned +
+        max(prefill - pinned, B) + R until its first eviction, pinned + B + R after it (it then
+        oscillates between pinned + B and pinned + B + R)."""
         if self.evictions:
-            return self.params.budget + self.params.window
-        return self.params.slot_bound(self.prefill_len)
+            return self.evicted_length + self.params.window
+        return self.pinned + max(self.prefill_len - self.pinned, self.params.budget) + self.params.window
 
     def reaches_trigger(self, remaining_new_tokens: int) -> bool:
         """Whether sampling ``remaining_new_tokens`` more tokens after the (re)prefill can evict."""
-        return evictions_in(self.prefill_len, remaining_new_tokens, self.params.budget, self.params.window) > 0
+        return evictions_in(self.prefill_len, remaining_new_tokens, self.params.budget, self.params.window,
+                            self.pinned) > 0
 
-    def restart(self, prefill_len: int) -> None:
+    def will_evict(self, n: int, remaining_new_tokens: int) -> bool:
+        """Whether a running request at physical length ``n`` (already evicted if due) reaches
+        another trigger while sampling ``remaining_new_tokens`` more tokens (the last one never
+        evicts: ``evictions_in``)."""
+        g, budget, window = n - self.pinned, self.params.budget, self.params.window
+        return (max(budget, g) // window + 1) * window <= g + remaining_new_tokens - 1
+
+    def record(self, evicted_tokens: int) -> None:
+        """Count one eviction of ``evicted_tokens`` tokens."""
+        self.evictions += 1
+        self.evicted_tokens += evicted_tokens
+        self.total_evictions += 1
+        self.total_evicted_tokens += evicted_tokens
+
+    def settle(self, output_len: int, finished: bool) -> bool:
+        """Resolve a provisional eviction once the in-flight step is processed; True when it was
+        wasted (the request finished at that step) and is taken back from the totals."""
+        if self.provisional is None:
+            return False
+        expected_output, tokens = self.provisional
+        if finished and output_len <= expected_output:
+            self.evictions -= 1
+            self.evicted_tokens -= tokens
+            self.total_evictions -= 1
+            self.total_evicted_tokens -= tokens
+            self.provisional = None
+            return True
+        if output_len >= expected_output:
+            self.provisional = None
+        return False
+
+    def restart(self, prefill_len: int, pinned: int) -> None:
         """After a retraction the request is re-prefilled uncompressed: its eviction sequence
         starts over (the totals keep counting)."""
         self.prefill_len = prefill_len
+        self.pinned = pinned
         self.evictions = 0
         self.evicted_tokens = 0
+        self.provisional = None
 
 
 def request_state(req) -> RequestState | None:

@@ -1,0 +1,187 @@
+"""Eviction beside SGLang's radix cache (sglang_vase.engine.evictor), on an SGLang-layout pool.
+
+A request's first ``protected`` columns are radix-tree slots that other requests read too. Its
+eviction must keep exactly what it keeps when it owns every slot (same selection, same data), while
+never writing or freeing a tree slot: kept tree tokens are copied into slots it owns (copy-on-evict),
+topped up from fresh slots. With keep_prompt the pinned columns are never candidates at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sglang_vase.config import VaseParams
+from sglang_vase.engine.admission import admission_slots, future_slots, own_bound
+from sglang_vase.engine.evictor import Eviction, evict
+from sglang_vase.engine.state import DeviceState, RequestState, evictions_in
+
+LAYERS, H_KV, H_Q, D, POOL, ROWS = 2, 2, 4, 16, 1024, 8
+BUDGET, WINDOW = 32, 8
+
+
+class Pool:
+    """A KV pool with a free list; ``write`` puts a token sequence's KV into given slots."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.k = [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)]
+        self.v = [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)]
+        self.req_to_token = torch.zeros(ROWS, 512, dtype=torch.int32)
+        self.free = torch.randperm(POOL - 1, generator=self.g) + 1  # slot 0 is SGLang's padding
+        self.device = DeviceState(ROWS, ROWS, LAYERS, WINDOW, H_Q, D, torch.float32, "cpu")
+
+    def take(self, count: int) -> torch.Tensor:
+        out, self.free = self.free[:count], self.free[count:]
+        return out
+
+    def fill(self, row: int, slots: torch.Tensor, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.req_to_token[row, : slots.numel()] = slots.int()
+        for layer, (k, v) in enumerate(data):
+            self.k[layer][slots] = k
+            self.v[layer][slots] = v
+
+    def row_kv(self, row: int, length: int) -> list[torch.Tensor]:
+        slots = self.req_to_token[row, :length].long()
+        return [torch.stack([self.k[l][slots], self.v[l][slots]]) for l in range(LAYERS)]
+
+
+def _sequence(g, n):
+    return [(torch.randn(n, H_KV, D, generator=g), torch.randn(n, H_KV, D, generator=g)) for _ in range(LAYERS)]
+
+
+def _request(pool: Pool, row: int, seed: int, params: VaseParams, pinned: int, ring: torch.Tensor):
+    st = RequestState(params, seed=seed, rid=f"r{row}", prefill_len=pinned, pinned=pinned,
+                      ring_row=pool.device.bind_ring_row(row))
+    pool.device.ring[st.ring_row] = ring
+    pool.device.position_offset[row] = 5
+    return st
+
+
+def _claim_from(pool: Pool, supply=None):
+    def claim(members):
+        unserved = []
+        for e in members:
+            if e.fresh_needed:
+                if supply is None and pool.free.numel() < e.fresh_needed:
+                    unserved.append(e)
+                    continue
+                e.fresh = supply(e) if supply is not None else pool.take(e.fresh_needed)
+        return unserved
+    return claim
+
+
+CASES = {  # (keep_prompt, pinned prompt, tree columns, physical length n, fresh slots needed); K = 24
+    "top-up": (False, 0, 20, 40, 12),  # 12 own candidates: 12 more targets
+    "shared-tail": (False, 0, 37, 40, 29),  # no own candidate, 5 tree columns in the recency tail
+    "own-targets": (False, 0, 12, 48, 0),  # 28 own candidates: kept tree tokens copied into them
+    "keep-prompt": (True, 20, 20, 60, 0),  # the tree columns are pinned: never candidates, no copy
+    "keep-prompt-retracted": (True, 20, 30, 60, 2),  # re-prefilled prompt + output in the tree
+}
+
+
+@pytest.mark.parametrize("policy", ["vase", "snapkv", "streamingllm"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
+    """Two requests with the same tokens and settings evict in one batch: A owns all its slots, B reads
+    its first columns from tree slots that a third row C shares. B keeps exactly A's tokens per
+    (layer, head), its new row holds no tree slot but pinned ones, it frees none, and the tree slots
+    and row C are untouched."""
+    keep_prompt, pinned, protected, n, fresh_needed = CASES[case]
+    seed = int.from_bytes(os.urandom(4), "little")
+    params = VaseParams(policy=policy, budget=BUDGET, window=WINDOW, keep_prompt=keep_prompt)
+    pool = Pool(seed)
+    data = _sequence(pool.g, n)
+    ring = torch.randn(pool.device.ring.shape[1:], generator=pool.g)
+    a_slots, tree, b_own = pool.take(n), pool.take(protected), pool.take(n - protected)
+    pool.fill(1, a_slots, data)
+    pool.fill(2, torch.cat([tree, b_own]), data)
+    pool.req_to_token[3, :protected] = tree.int()  # row C reads the same tree slots
+    tree_kv = [(pool.k[l][tree].clone(), pool.v[l][tree].clone()) for l in range(LAYERS)]
+    before_c = pool.req_to_token[3].clone()
+    st_a, st_b = (_request(pool, row, 77, params, pinned, ring) for row in (1, 2))
+    a, b = Eviction(1, n, st_a), Eviction(2, n, st_b, protected=protected)
+    assert st_a.due(n) and a.fresh_needed == 0
+    assert b.fresh_needed == fresh_needed
+
+    result = evict([a, b], pool.req_to_token, pool.k, pool.v, pool.device, claim=_claim_from(pool))
+    assert not result.failed and not result.deferred and len(result.evicted) == 2, f"seed {seed}"
+    length = st_a.evicted_length
+    assert length == pinned + BUDGET
+    for got, want in zip(pool.row_kv(2, length), pool.row_kv(1, length)):
+        assert torch.equal(got, want), f"seed {seed}: B's compacted KV differs from A's"
+    new_b = set(pool.req_to_token[2, :length].tolist())
+    freed = set(result.freed_slots().tolist())
+    pinned_tree = set(tree[:pinned].tolist())
+    assert new_b & set(tree.tolist()) == pinned_tree and not freed & set(tree.tolist()), f"seed {seed}"
+    # Every slot B owned or was given is in its new row or freed, not both.
+    fresh = set(b.fresh.tolist()) if b.fresh is not None else set()
+    owned = set(b_own.tolist()) | fresh
+    assert (new_b - pinned_tree) | (freed & owned) == owned and not (new_b & freed)
+    assert torch.equal(pool.req_to_token[3], before_c)
+    for l in range(LAYERS):
+        assert torch.equal(pool.k[l][tree], tree_kv[l][0]) and torch.equal(pool.v[l][tree], tree_kv[l][1])
+    assert b.protected_after == min(protected, pinned)
+    assert pool.device.position_offset[1] == pool.device.position_offset[2] == 5 + n - length
+
+
+def test_fresh_slots_may_be_the_tree_slots_it_reads():
+    """In the paper's mode a request releases its tree lock before its fresh slots are allocated, so
+    the tree may hand back the very prefix slots it reads (if only it held them). Compaction gathers
+    every source before writing: the result is still exactly the own-slots one."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    params = VaseParams(policy="vase", budget=BUDGET, window=WINDOW)
+    prompt, n = 37, 40
+    pool = Pool(seed)
+    data = _sequence(pool.g, n)
+    ring = torch.randn(pool.device.ring.shape[1:], generator=pool.g)
+    a_slots, tree, b_own = pool.take(n), pool.take(prompt), pool.take(n - prompt)
+    pool.fill(1, a_slots, data)
+    pool.fill(2, torch.cat([tree, b_own]), data)
+    st_a, st_b = (_request(pool, row, 9, params, 0, ring) for row in (1, 2))
+    b = Eviction(2, n, st_b, protected=prompt)
+    reuse = tree.flip(0)  # the tree's slots, in another order: sources and targets overlap
+    result = evict([Eviction(1, n, st_a), b], pool.req_to_token, pool.k, pool.v, pool.device,
+                   claim=_claim_from(pool, supply=lambda e: reuse[: e.fresh_needed]))
+    assert len(result.evicted) == 2
+    for got, want in zip(pool.row_kv(2, BUDGET), pool.row_kv(1, BUDGET)):
+        assert torch.equal(got, want), f"seed {seed}"
+
+
+def test_a_request_without_fresh_slots_is_deferred_untouched():
+    seed = int.from_bytes(os.urandom(4), "little")
+    params = VaseParams(policy="vase", budget=BUDGET, window=WINDOW)
+    pool = Pool(seed)
+    prompt, n = 20, 40
+    pool.fill(2, torch.cat([pool.take(prompt), pool.take(n - prompt)]), _sequence(pool.g, n))
+    st = _request(pool, 2, 1, params, 0, torch.randn(pool.device.ring.shape[1:], generator=pool.g))
+    before = [x.clone() for x in pool.row_kv(2, n)]
+    row = pool.req_to_token[2].clone()
+    e = Eviction(2, n, st, protected=prompt)
+    result = evict([e], pool.req_to_token, pool.k, pool.v, pool.device, claim=lambda members: list(members))
+    assert result.deferred == [e] and not result.evicted and result.freed_slots() is None
+    assert torch.equal(pool.req_to_token[2], row) and st.evictions == 0
+    assert all(torch.equal(x, y) for x, y in zip(pool.row_kv(2, n), before))
+
+
+def test_keep_prompt_trigger_and_bounds():
+    """keep_prompt: the evictable length g = n - prompt triggers (g > B, g % R == 0) and drops to B;
+    the footprint is prompt + B + R; admission charges the request B + R beyond a shared prompt."""
+    params = VaseParams(policy="vase", budget=64, window=16, keep_prompt=True)
+    st = RequestState(params, seed=0, rid="k", prefill_len=100, pinned=100)
+    assert [n for n in range(100, 300) if st.due(n)] == list(range(180, 300, 16))
+    assert st.slot_bound() == 100 + 64 + 16 and st.evicted_length == 164
+    assert evictions_in(100, 100, 64, 16, pinned=100) == 2  # n = 180, 196 (the last step never evicts)
+    # A shared 100-token prompt held by the tree: the request owns at most B + R.
+    assert own_bound(st, protected=100) == 80
+    assert admission_slots(st, fill=100, matched=99, remaining_output=1000, radix=True) == 80
+    paper = RequestState(VaseParams(policy="vase", budget=64, window=16), seed=0, rid="p", prefill_len=100)
+    # The paper's budget: max(P, B) + R without the radix cache ...
+    assert admission_slots(paper, fill=100, matched=0, remaining_output=1000, radix=False) == 16
+    # ... and with it: a prompt only it holds is released at its first eviction and may be reused ...
+    assert future_slots(paper, 100, protected=100, remaining_output=1000, exclusive=100) == 16
+    # ... a shared one is not: it then needs B + R of its own.
+    assert future_slots(paper, 100, protected=100, remaining_output=1000, exclusive=0) == 80
+    assert future_slots(paper, 100, protected=100, remaining_output=1000, exclusive=30) == 50
