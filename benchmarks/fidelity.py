@@ -5,30 +5,39 @@ within \\boxed{}.`` in the model's chat template):
 
 1. Teacher-forced replay (reference decoder, ``sglang_vase.reference.replay``; tests prove it equal
    to the engine path). For each prompt a full-cache greedy continuation of ``--cont-len`` tokens is
-   generated (EOS ignored) while its next-token log-probs are recorded (the loop of
-   ``replay.generate``, greedy, keeping the log-probs). That continuation is then replayed with
-   ``replay.teacher_forced`` under every policy x budget (x seed for stochastic policies). Per row
-   (row i predicts continuation token i):
-   - KL(full || evicted) of the next-token distributions (float64, each row clamped at >= 0
-     against rounding),
-   - top-1 agreement: argmax of the evicted distribution == argmax of the full one (the greedy token),
+   generated with the end-of-sequence tokens suppressed (never emitted, so the continuation stays
+   one solution instead of starting new chat turns). That continuation is then replayed under every
+   policy x budget x kept order (x seed for stochastic policies) as the rows of ONE batched
+   ``EvictingDecoder``: they share the teacher-forced tokens, so the projections and MLPs of all
+   rows run as one matrix product, rows that have not evicted yet share one cache, and a full-cache
+   row in the batch is the reference. Per row (row i predicts continuation token i):
+   - KL(full || evicted) of the next-token distributions (each row clamped at >= 0 against rounding),
+   - top-1 agreement: argmax of the evicted distribution == argmax of the full one,
    - NLL increase: -log p_evicted(token_i) - (-log p_full(token_i)).
    Each is averaged over the rows computed after the first eviction ("after": the rows whose cache
    had been evicted at least once, found by replaying the engine trigger ``should_evict`` on the
-   physical length) and over all rows ("all"). Per (policy, compression, seed) the per-prompt means
-   are averaged over prompts; stochastic policies report mean and std (ddof=1) over seeds 0..S-1,
-   deterministic ones run once (seed 0). The same seeds are used for every policy. A ``full`` row
-   replays the continuation with ``teacher_forced`` and no policy: KL 0 and top-1 1 by construction
-   (a check of the row alignment and of determinism). ``kl_before_max`` (rows before the first
-   eviction) must be 0 as well.
+   physical length) and over all rows ("all"). Per (policy, kept order, compression, seed) the
+   per-prompt means are averaged over prompts; stochastic policies report mean and std (ddof=1)
+   over seeds 0..S-1, deterministic ones run once (seed 0). The same seeds are used for every
+   policy. ``kl_before_max`` (rows before the first eviction) is 0: those rows are the shared cache.
+   ``noise_floor_kl``: the KL between the full cache computed as replayed (in chunks) and token by
+   token (when the continuation was generated): what float summation order alone moves (bf16).
+   Kept orders (``--orders``): ``released`` = [pinned by value range desc, sampled], the paper's
+   released code; ``sorted`` = by position (the order only changes the smoothing at the next
+   eviction). A policy may carry parameters: ``vase-adaptive:tau=2`` (``:``-separated ``k=v``).
 
-2. Free generation in the real engine: one sglang-vase server (server window = R) gets, for every
-   policy x budget (x seed for stochastic policies) and the full cache (``custom_params
-   {"vase": false}``), one request per prompt (all requests concurrently), ``max_new_tokens =
-   cont_len``, temperature 0.6, top-p 0.95, ``ignore_eos`` (``--engine-prompts K`` uses K prompts here,
-   the first --prompts of them shared with the replay). (SGLang honours ``sampling_seed`` only
-   with deterministic inference, so the token sampling itself is not seeded; the eviction seed is.)
-   Metrics per output (token ids):
+   Value-range statistics, per layer: the range max_d V - min_d V of every non-sink token of the
+   full cache at the end of each continuation, per KV head; max/median and 99th-percentile/median,
+   the robust z-score of the maximum ((max - median) / (1.4826 MAD)) and the share of tokens above
+   tau x median (``vase-adaptive``'s test) for ``VRANGE_TAUS``; mean and max over heads and prompts.
+
+2. Free generation in the real engine (``--engine``): one sglang-vase server (server window = R)
+   gets, for every plain policy name x budget (x seed for stochastic policies) in the server's
+   kept order (released) and the full cache (``custom_params {"vase": false}``), one request per
+   prompt (all requests concurrently), ``max_new_tokens = cont_len``, temperature 0.6, top-p 0.95,
+   ``ignore_eos`` (``--engine-prompts K`` uses K prompts here, the first --prompts of them shared
+   with the replay). (SGLang honours ``sampling_seed`` only with deterministic inference, so the
+   token sampling itself is not seeded; the eviction seed is.) Metrics per output (token ids):
    - loop: some 20-gram of tokens occurs >= 3 times in the output (occurrences may overlap). A
      periodic run of period p <= 20 triggers it once it is 20 + 2p tokens long; a normal
      step-by-step solution of a few hundred tokens essentially never repeats a 20-token span 3 times.
@@ -42,34 +51,38 @@ paper sizes budgets against the generation length; the prompt (prefilled uncompr
 the first eviction) adds to the context, so ``effective_compression`` = (prompt + cont_len) / B is
 recorded too.
 
-Defaults (about 20-30 minutes on 2 shared CPU cores, bf16): 2 prompts (the first math.jsonl problems
-whose chat prompt fits --max-prompt-tokens), cont_len 384, window 16, compressions 2,4,8 (B = 192, 96,
-48), 2 seeds, every registered policy, 2 worker processes with one torch thread each. bf16 is the
-served dtype of the embedded SmolLM2-135M (its weights are bf16); ``--dtype float32`` is ~1.5x slower.
-``--quick``: 1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, policies vase, snapkv,
-streamingllm, evict-large-v (< 3 minutes).
+Defaults (the fidelity issue's setting): 8 prompts (the first math.jsonl problems whose chat prompt
+fits --max-prompt-tokens), cont_len 1024, window 32, compressions 2,4,8 (B = 512, 256, 128), 3
+seeds, both kept orders, every registered policy, bf16 (the served dtype of the embedded
+SmolLM2-135M). ``--outlier-model`` replays on ``sglang_vase.models.prepare_outlier_model()`` instead.
+``--quick``: 1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, released order, policies
+vase, snapkv, streamingllm, evict-large-v.
 
 Outputs: ``--out`` (default benchmarks/results/fidelity.json) and next to it ``<stem>_kl.png``,
-``<stem>_top1.png``, ``<stem>_repetition.png``; a markdown table at 4x (or the compression nearest to
-it) on stdout, sorted by KL.
+``<stem>_top1.png``, ``<stem>_nll.png``, ``<stem>_vrange.png`` (and ``<stem>_repetition.png`` with the
+engine part); markdown tables per kept order on stdout.
 
-    python benchmarks/fidelity.py [--quick] [--prompts 2] [--cont-len 384] [--compressions 2,4,8]
-        [--window 16] [--seeds 2] [--policies vase,snapkv,...] [--workers 2] [--no-engine]
+    python benchmarks/fidelity.py [--quick] [--outlier-model] [--prompts 8] [--cont-len 1024]
+        [--compressions 2,4,8] [--window 32] [--seeds 3] [--orders sorted,released]
+        [--policies vase,snapkv,vase-adaptive:tau=3,...] [--engine]
 """
 
 from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a machine whose cores other processes share, two
+# spinning threads made the replay 40x slower here. libgomp reads it once, when torch loads it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import concurrent.futures as cf
 import datetime as _dt
 import json
 import math
-import multiprocessing as mp
-import os
 import platform
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -86,8 +99,12 @@ DEFAULT_OUT = HERE / "results" / "fidelity.json"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPERATURE = 0.6
 TOP_P = 0.95
-# One torch thread per server process: the replay workers share the cores.
+# One torch thread per server process: the replay shares the cores.
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ORDERS = ("released", "sorted")
+# Thresholds (x median range) whose share of tokens the value-range statistics report.
+VRANGE_TAUS = (2.0, 3.0, 4.0, 6.0, 8.0)
+N_SINK = 4
 
 # Loop detectors (see the module docstring).
 LOOP_NGRAM = 20
@@ -96,18 +113,11 @@ TAIL_FRACTION = 0.25
 TAIL_MAX_PERIOD = 64
 TAIL_MIN_REPEATS = 3
 
-DEFAULTS = dict(prompts=2, cont_len=384, window=16, compressions="2,4,8", seeds=2, policies=None, workers=2)
+DEFAULTS = dict(prompts=8, cont_len=1024, window=32, compressions="2,4,8", seeds=3, policies=None,
+                orders=",".join(ORDERS))
 QUICK = dict(prompts=1, cont_len=64, window=8, compressions="2,4", seeds=1,
-             policies="vase,snapkv,streamingllm,evict-large-v")
+             policies="vase,snapkv,streamingllm,evict-large-v", orders="released")
 FULL = "full"
-
-
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already started
-        pass
 
 
 # --------------------------------------------------------------------------------------- prompts
@@ -167,90 +177,177 @@ def first_affected_row(prompt_len: int, cont_len: int, budget: int, window: int)
     return first, events
 
 
-# --------------------------------------------------------------------------------------- workers
-
-_W: dict = {}
-
-
-def _init_worker(model_path: str, dtype_name: str) -> None:
-    _one_thread()
-    from sglang_vase.reference.replay import load_model
-
-    _W["model"] = load_model(model_path, getattr(torch, dtype_name))
-    _W["refs"] = {}
+def end_of_sequence_ids(tokenizer, model) -> list[int]:
+    """The tokens that would end the answer: the tokenizer's and the generation config's EOS."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
 
 
-def _reference_task(job: dict) -> dict:
-    """Full-cache greedy continuation (EOS ignored) and its log-probs, saved to ``job['ref_path']``."""
-    from sglang_vase.reference.replay import EvictingDecoder
+# -------------------------------------------------------------------------------------- policies
 
-    t0 = time.time()
-    model = _W["model"]
-    dec = EvictingDecoder(model, None)  # the loop of replay.generate (greedy), keeping the log-probs
-    logits = dec.prefill(job["prompt_ids"])
-    tokens, rows = [], []
-    for i in range(job["cont_len"]):
-        lp = torch.log_softmax(logits.float().cpu(), dim=-1)
-        token = int(torch.argmax(lp))
-        tokens.append(token)
-        rows.append(lp)
-        if i + 1 < job["cont_len"]:
-            logits = dec.step(token)
-    torch.save({"tokens": tokens, "logprobs": torch.stack(rows)}, job["ref_path"])
-    return {"prompt": job["prompt"], "tokens": tokens, "seconds": time.time() - t0}
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:k=v[:k=v...]`` -> (name, params); values are read as JSON, else strings."""
+    name, *pairs = spec.split(":")
+    params = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy {spec!r}: parameters are written k=v, got {pair!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return name, params
 
 
-def _reference(prompt: int, path: str) -> dict:
-    if prompt not in _W["refs"]:
-        _W["refs"].clear()  # one prompt at a time is enough (jobs are ordered by prompt)
-        _W["refs"][prompt] = torch.load(path)
-    return _W["refs"][prompt]
+def build_policy(spec: str, budget: int, window: int, order: str):
+    from sglang_vase.policies import get_policy
+
+    name, params = parse_policy_spec(spec)
+    return get_policy(name, budget=budget, window=window, sort_kept=order == "sorted", **params)
 
 
-def replay_metrics(ref_lp: torch.Tensor, lp: torch.Tensor, tokens: list[int], first: int) -> dict:
-    """Per-run metrics of evicted log-probs ``lp`` against the full-cache ``ref_lp`` (both [T, V])."""
-    ref64, lp64 = ref_lp.double(), lp.double()
-    kl = (ref64.exp() * (ref64 - lp64)).sum(-1).clamp_min(0.0)  # [T]
-    top1 = (lp.argmax(-1) == ref_lp.argmax(-1)).double()
-    idx = torch.tensor(tokens, dtype=torch.long)[:, None]
-    nll_inc = (ref64.gather(1, idx) - lp64.gather(1, idx))[:, 0]
-    t = ref_lp.shape[0]
+def is_stochastic(spec: str) -> bool:
+    from sglang_vase.policies import POLICIES
+
+    return bool(POLICIES[parse_policy_spec(spec)[0]].stochastic)
+
+
+# ---------------------------------------------------------------------------------------- replay
+
+def token_metrics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row, per-token metrics of ``logits`` ``[rows, T, V]`` against its row 0 (the full cache),
+    for the tokens ``targets`` ``[T]``: KL(full || row) (clamped >= 0), top-1 agreement, NLL
+    increase; each float64 ``[rows, T]``. Overwrites ``logits``.
+
+    With d = logits_0 - logits_r and s = lse_r - lse_0 (log-sum-exps), log p_0 - log p_r = d + s, so
+    KL = p_0 . d + s and the NLL increase is d[target] + s: one product per token over the rows, on
+    differences that are exactly 0 where a row equals the full cache.
+    """
+    top1 = (logits.argmax(-1) == logits[0].argmax(-1)).double()
+    lse = logits.logsumexp(dim=-1)  # [rows, T]
+    base = logits[0].clone()
+    p = (base - lse[0, :, None]).exp()  # full-cache probabilities [T, V]
+    d = logits.neg_().add_(base)
+    shift = lse - lse[0]
+    kl = torch.stack([d[:, t] @ p[t] for t in range(d.shape[1])], dim=1) + shift
+    nll = d.gather(-1, targets[None, :, None].expand(d.shape[0], -1, 1))[..., 0] + shift
+    return kl.double().clamp_min(0.0), top1, nll.double()
+
+
+def summarize(kl: torch.Tensor, top1: torch.Tensor, nll: torch.Tensor, first: int) -> dict:
+    """Means over all rows and over the rows from ``first`` on (after the first eviction)."""
+    t = kl.shape[0]
     out = {"rows": t, "first_affected_row": first, "rows_after": t - first,
            "kl_before_max": float(kl[:first].max()) if first > 0 else 0.0}
-    for name, v in (("kl", kl), ("top1", top1), ("nll_increase", nll_inc)):
+    for name, v in (("kl", kl), ("top1", top1), ("nll_increase", nll)):
         out[f"{name}_all"] = float(v.mean())
         out[f"{name}_after"] = float(v[first:].mean()) if first < t else None
     return out
 
 
-def _replay_task(job: dict) -> dict:
-    from sglang_vase.policies import get_policy
-    from sglang_vase.reference.replay import teacher_forced
-
-    t0 = time.time()
-    ref = _reference(job["prompt"], job["ref_path"])
-    tokens = ref["tokens"]
-    if job["policy"] == FULL:
-        policy, first, events = None, len(tokens), 0
-    else:
-        policy = get_policy(job["policy"], budget=job["budget"], window=job["window"])
-        first, events = first_affected_row(job["prompt_len"], len(tokens), job["budget"], job["window"])
-    lp = teacher_forced(_W["model"], job["prompt_ids"], tokens, policy=policy, seed=job["seed"])
-    metrics = replay_metrics(ref["logprobs"], lp, tokens, first)
-    metrics["evictions"] = events
-    return {**{k: job[k] for k in ("prompt", "policy", "compression", "budget", "seed")},
-            **metrics, "seconds": time.time() - t0}
+def value_range_stats(values: torch.Tensor) -> dict:
+    """Per KV head of one layer's full-cache values ``[H_kv, N, D]`` (the first N_SINK tokens left
+    out): the value-range distribution statistics of the module docstring, each a list over heads."""
+    vr = values.float().amax(-1) - values.float().amin(-1)
+    vr = vr[:, N_SINK:]
+    med = vr.median(dim=-1).values
+    top = vr.amax(dim=-1)
+    mad = (vr - med[:, None]).abs().median(dim=-1).values
+    out = {"max_over_median": top / med, "p99_over_median": vr.quantile(0.99, dim=-1) / med,
+           "max_robust_z": (top - med) / (1.4826 * mad)}
+    out.update({f"share_above_{tau:g}x": (vr > tau * med[:, None]).double().mean(-1) for tau in VRANGE_TAUS})
+    return {k: v.tolist() for k, v in out.items()}
 
 
-def _run_jobs(pool, fn, jobs: list[dict], label: str, t_start: float) -> list[dict]:
-    results = []
-    it = pool.imap_unordered(fn, jobs) if pool is not None else map(fn, jobs)
-    for k, res in enumerate(it, 1):
-        results.append(res)
-        what = f"{res.get('policy', 'reference')} c={res.get('compression', '-')} s={res.get('seed', '-')}"
-        print(f"[fidelity] {label} {k}/{len(jobs)} prompt {res['prompt']} {what} "
-              f"({res['seconds']:.0f}s, elapsed {time.time() - t_start:.0f}s)", flush=True)
-    return results
+def replay_prompt(model, prompt: dict, tokens: list[int], step_logits: torch.Tensor, configs: list[dict],
+                  window: int) -> tuple[list[dict], list, float]:
+    """Every config (the first one the full cache) teacher-forced on one prompt in one decoder.
+    ``step_logits``: the full cache's logits computed token by token when ``tokens`` were generated.
+    Returns one run (metrics) per config, the value-range statistics of each layer, and the noise
+    floor: the mean KL between the full cache computed in chunks (row 0) and token by token, which
+    differ only in the order of float sums."""
+    from sglang_vase.reference.replay import EvictingDecoder, Row
+
+    assert configs[0]["policy"] == FULL
+    policies: dict[tuple, object] = {}  # one policy object per cell: its seeds select in one call
+    rows = []
+    for cfg in configs:
+        key = (cfg["policy"], cfg["order"], cfg["budget"])
+        if cfg["policy"] != FULL and key not in policies:
+            policies[key] = build_policy(cfg["policy"], cfg["budget"], window, cfg["order"])
+        rows.append(Row(policies.get(key), cfg["seed"]))
+    dec = EvictingDecoder(model, rows=rows, record_keeps=False)
+    t = len(tokens)
+    kl = torch.zeros(len(rows), t, dtype=torch.float64)  # row 0 comes from the prefill: the same for all
+    top1 = torch.ones_like(kl)
+    nll = torch.zeros_like(kl)
+    dec.prefill(prompt["input_ids"])
+    targets = torch.tensor(tokens)
+    floor = 0.0
+    for i in range(1, t, window):  # rows i..i+c-1 come from tokens i-1..i+c-2
+        end = min(t, i + window)
+        logits = dec.extend(tokens[i - 1:end - 1])
+        chunked, stepped = logits[0].log_softmax(-1), step_logits[i:end].log_softmax(-1)
+        floor += float((chunked.exp() * (chunked - stepped)).sum(-1, dtype=torch.float64).sum())
+        kl[:, i:end], top1[:, i:end], nll[:, i:end] = token_metrics(logits, targets[i:end])
+        del logits
+    runs = []
+    for r, cfg in enumerate(configs):
+        if cfg["policy"] == FULL:
+            first, events = t, 0
+        else:
+            first, events = first_affected_row(prompt["prompt_tokens"], t, cfg["budget"], window)
+        runs.append({**cfg, "prompt": prompt["index"], **summarize(kl[r], top1[r], nll[r], first),
+                     "evictions": events})
+    vrange = [value_range_stats(dec.cache(layer, row=0)[1]) for layer in range(dec.n_layers)]
+    return runs, vrange, floor / max(1, t - 1)
+
+
+def replay_part(args, model_path: str, prompts: list[dict], configs: list[dict], tokenizer, result: dict,
+                t_start: float, previous: dict | None = None) -> tuple[list[dict], list[list]]:
+    """Reference continuations and every teacher-forced replay, prompt by prompt, in this process
+    (``previous``: the results an ``--update`` merges into; its references must be these)."""
+    from sglang_vase.reference.replay import generate, load_model
+
+    model = load_model(model_path, getattr(torch, args.dtype))
+    suppress = end_of_sequence_ids(tokenizer, model)
+    result["config"]["suppressed_token_ids"] = suppress
+    runs, vranges = [], []
+    timing = result.setdefault("timing", {"reference_seconds": 0.0, "replay_seconds": 0.0})
+    for p, rp in zip(prompts, result["prompts"]):
+        t0 = time.time()
+        tokens, step_logits = generate(model, p["input_ids"], args.cont_len, suppress_token_ids=suppress,
+                                       return_logits=True)
+        t1 = time.time()
+        rp["continuation_text"] = tokenizer.decode(tokens)
+        if previous is not None:
+            check_same_reference(previous, rp)
+        prompt_runs, vrange, floor = replay_prompt(model, p, tokens, step_logits, configs, args.window)
+        t2 = time.time()
+        runs += prompt_runs
+        vranges.append(vrange)
+        rp.update(reference_seconds=t1 - t0, replay_seconds=t2 - t1, noise_floor_kl=floor)
+        timing["reference_seconds"] += t1 - t0
+        timing["replay_seconds"] += t2 - t1
+        print(f"[fidelity] prompt {p['index']}: reference {t1 - t0:.0f}s, {len(configs)} rows replayed in "
+              f"{t2 - t1:.0f}s (elapsed {time.time() - t_start:.0f}s)", flush=True)
+    timing["replay_rows"] = len(runs)
+    return runs, vranges
+
+
+def aggregate_vrange(per_prompt: list[list[dict]]) -> list[dict]:
+    """Per layer: mean and max over prompts and heads of each value-range statistic."""
+    layers = []
+    for layer in range(len(per_prompt[0])):
+        stats = {}
+        for key in per_prompt[0][layer]:
+            vals = [v for prompt in per_prompt for v in prompt[layer][key]]
+            stats[key] = {"mean": sum(vals) / len(vals), "max": max(vals)}
+        layers.append({"layer": layer, **stats})
+    return layers
 
 
 # ---------------------------------------------------------------------------------- repetition
@@ -282,8 +379,8 @@ def distinct_ngram_ratio(tokens: list[int], n: int = 4) -> float | None:
 
 class EngineRun(threading.Thread):
     """The free-generation part in a background thread, so that the server's start (minutes on a
-    loaded CPU) and its batched decoding overlap the replay workers. Every config (policy,
-    compression, budget, seed) x prompt is one request, all in flight at once (up to
+    loaded CPU) and its batched decoding overlap the replay. Every config (plain policy name,
+    released order, compression, budget, seed) x prompt is one request, all in flight at once (up to
     --engine-concurrency). ``abort()`` kills the server; ``join()`` then ``outcome()``."""
 
     def __init__(self, args, model_path: str, prompts: list[dict], configs: list[dict], t_start: float):
@@ -335,7 +432,7 @@ class EngineRun(threading.Thread):
                                   temperature=TEMPERATURE, top_p=TOP_P, ignore_eos=True)
             ids = res["output_ids"]
             meta = res.get("meta_info", {})
-            return {**{k: cfg[k] for k in ("policy", "compression", "budget", "seed")}, "prompt": p["index"],
+            return {**{k: cfg[k] for k in ("policy", "order", "compression", "budget", "seed")}, "prompt": p["index"],
                     "tokens": len(ids), "loop": has_ngram_loop(ids), "tail_loop": has_tail_loop(ids),
                     "distinct4": distinct_ngram_ratio(ids),
                     "evictions": (meta.get("vase") or {}).get("evictions", 0)}
@@ -373,17 +470,17 @@ ENGINE_KEYS = ["repetition_rate", "tail_loop_rate", "distinct4"]
 
 
 def aggregate(replay: list[dict], engine: list[dict], stochastic: dict[str, bool]) -> list[dict]:
-    """One row per (policy, compression): per seed the mean over prompts, then mean/std over seeds."""
+    """One row per (policy, kept order, compression): per seed the mean over prompts, then mean/std
+    over seeds."""
     cells: dict[tuple, dict] = {}
-    for r in replay:
-        cell = cells.setdefault((r["policy"], r["compression"]), {"budget": r["budget"], "replay": {}, "engine": {}})
-        cell["replay"].setdefault(r["seed"], []).append(r)
-    for r in engine:
-        cell = cells.setdefault((r["policy"], r["compression"]), {"budget": r["budget"], "replay": {}, "engine": {}})
-        cell["engine"].setdefault(r["seed"], []).append(r)
+    for kind, runs in (("replay", replay), ("engine", engine)):
+        for r in runs:
+            cell = cells.setdefault((r["policy"], r["order"], r["compression"]),
+                                    {"budget": r["budget"], "replay": {}, "engine": {}})
+            cell[kind].setdefault(r["seed"], []).append(r)
     rows = []
-    for (policy, compression), cell in sorted(cells.items(), key=lambda kv: (kv[0][0] != FULL, kv[0][0], kv[0][1])):
-        row = {"policy": policy, "compression": compression, "budget": cell["budget"],
+    for (policy, order, compression), cell in sorted(cells.items(), key=lambda kv: (kv[0][0] != FULL, kv[0])):
+        row = {"policy": policy, "order": order, "compression": compression, "budget": cell["budget"],
                "stochastic": bool(stochastic.get(policy, False))}
         per_seed = {}
         for seed, runs in cell["replay"].items():
@@ -419,72 +516,90 @@ def _fmt(v, std=None, digits=4):
     return s + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def markdown_table(rows: list[dict], compression: float) -> str:
-    sel = [r for r in rows if r["policy"] == FULL or r["compression"] == compression]
-    sel.sort(key=lambda r: (r["kl_after"] if r["kl_after"] is not None else (0.0 if r["policy"] == FULL else 1e9)))
-    lines = [f"Fidelity at {compression:g}x compression (KL, top-1 and NLL increase over the rows after the first "
-             "eviction; repetition = share of free generations with a 20-gram occurring >= 3 times)", "",
-             "| policy | budget | KL(full‖evicted) | top-1 agreement | NLL increase | repetition rate | distinct-4 |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sel:
-        lines.append(f"| {r['policy']} | {r['budget'] if r['policy'] != FULL else '-'} "
-                     f"| {_fmt(r['kl_after'] if r['policy'] != FULL else r['kl_all'], r['kl_after_std'])} "
-                     f"| {_fmt(r['top1_after'] if r['policy'] != FULL else r['top1_all'], r['top1_after_std'], 3)} "
-                     f"| {_fmt(r['nll_increase_after'] if r['policy'] != FULL else r['nll_increase_all'], r['nll_increase_after_std'])} "
-                     f"| {_fmt(r['repetition_rate'], r['repetition_rate_std'], 2)} "
-                     f"| {_fmt(r['distinct4'], r['distinct4_std'], 3)} |")
+def markdown_table(rows: list[dict], order: str) -> str:
+    """Policies of one kept order, sorted by KL at the middle budget; per budget KL (± std over
+    seeds), top-1 agreement and NLL increase over the rows after the first eviction."""
+    sel = {(r["policy"], r["compression"]): r for r in rows if r["order"] == order and r["kl_after"] is not None}
+    comps = sorted({c for _, c in sel})
+    mid = comps[len(comps) // 2]
+    policies = sorted({p for p, _ in sel}, key=lambda p: sel[(p, mid)]["kl_after"] if (p, mid) in sel else math.inf)
+    budgets = {c: next(r["budget"] for (_, cc), r in sel.items() if cc == c) for c in comps}
+    head = " | ".join(f"B={budgets[c]} KL | top-1 | NLL+" for c in comps)
+    lines = [f"Kept order: {order} (KL(full‖evicted), top-1 agreement and NLL increase over the rows after the "
+             "first eviction; ± = std over seeds)", "", f"| policy | {head} |", "|---" * (1 + 3 * len(comps)) + "|"]
+    for p in policies:
+        cells = []
+        for c in comps:
+            r = sel.get((p, c))
+            cells += ([_fmt(r["kl_after"], r["kl_after_std"]), _fmt(r["top1_after"], digits=3),
+                       _fmt(r["nll_increase_after"])] if r else ["-"] * 3)
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: Path) -> list[str]:
+def plot(rows: list[dict], vrange: list[dict], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    orders = sorted({r["order"] for r in rows if r["policy"] != FULL})
     policies = sorted({r["policy"] for r in rows if r["policy"] != FULL})
-    full = next((r for r in rows if r["policy"] == FULL), None)
     specs = [("kl", "kl_after", "KL(full ‖ evicted), rows after the first eviction", True),
              ("top1", "top1_after", "top-1 agreement with the full cache", False),
-             ("repetition", "repetition_rate", "free-generation repetition rate (20-gram x3)", False)]
-    paths = []
-    colors = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "olive", "navy"]
+             ("nll", "nll_increase_after", "NLL increase (nats/token)", True)]
+    if any(r.get("repetition_rate") is not None for r in rows):
+        specs.append(("repetition", "repetition_rate", "free-generation repetition rate (20-gram x3)", False))
+    colors = [plt.get_cmap("tab20")(i) for i in range(20)]
     markers = "os^vD<>pPX*h"
+    paths = []
     for suffix, key, ylabel, logy in specs:
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for i, pol in enumerate(policies):
-            pts = sorted((r["compression"], r[key], r.get(f"{key}_std")) for r in rows
-                         if r["policy"] == pol and r[key] is not None)
+        fig, axes = plt.subplots(1, len(orders), figsize=(6.5 * len(orders), 5), squeeze=False, sharey=True)
+        for ax, order in zip(axes[0], orders):
+            for i, pol in enumerate(policies):
+                pts = sorted((r["compression"], r[key], r.get(f"{key}_std")) for r in rows
+                             if r["policy"] == pol and r["order"] == order and r[key] is not None)
+                if logy:
+                    pts = [(c, v, s) for c, v, s in pts if v > 0]
+                if not pts:
+                    continue
+                xs, ys, es = zip(*pts)
+                vase_family = pol.startswith("vase")
+                ax.errorbar(xs, ys, yerr=[e or 0.0 for e in es], marker=markers[i % len(markers)],
+                            linestyle="-" if vase_family else "--", linewidth=2.2 if vase_family else 1.2,
+                            capsize=3, color=colors[i % len(colors)], label=pol)
+            comps = sorted({r["compression"] for r in rows if r["policy"] != FULL})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(comps)
+            ax.set_xticklabels([f"{c:g}x" for c in comps])
             if logy:
-                pts = [(c, v, s) for c, v, s in pts if v > 0]
-            if not pts:
-                continue
-            xs, ys, es = zip(*pts)
-            vase_family = pol.startswith("vase")
-            ax.errorbar(xs, ys, yerr=[e or 0.0 for e in es], marker=markers[i % len(markers)],
-                        linestyle="-" if vase_family else "--", linewidth=2.2 if vase_family else 1.2, capsize=3,
-                        color=colors[i % len(colors)], label=pol)
-        if full is not None and full.get(key) is not None and not logy:
-            ax.axhline(full[key], color="black", linewidth=1, linestyle=":", label="full cache")
-        if full is not None and key == "top1_after" and full.get("top1_all") is not None:
-            ax.axhline(full["top1_all"], color="black", linewidth=1, linestyle=":", label="full cache")
-        ax.set_xscale("log", base=2)
-        comps = sorted({r["compression"] for r in rows if r["policy"] != FULL})
-        ax.set_xticks(comps)
-        ax.set_xticklabels([f"{c:g}x" for c in comps])
-        if logy:
-            ax.set_yscale("log")
-        else:
-            ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("compression (continuation length / budget)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        else:
-            ax.text(0.5, 0.5, "no data (engine part skipped?)", ha="center", va="center", transform=ax.transAxes)
+                ax.set_yscale("log")
+            ax.set_title(f"kept order: {order}")
+            ax.set_xlabel("compression (continuation length / budget)")
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            axes[0][-1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out.with_name(f"{out.stem}_{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    if vrange:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        layers = [v["layer"] for v in vrange]
+        for key, label, color in (("max_over_median", "max / median", "tab:red"),
+                                  ("p99_over_median", "99th percentile / median", "tab:blue")):
+            ax.plot(layers, [v[key]["mean"] for v in vrange], color=color, marker="o", label=f"{label} (mean)")
+            ax.plot(layers, [v[key]["max"] for v in vrange], color=color, linestyle=":", label=f"{label} (max)")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("value range ratio (per KV head, over heads and prompts)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}_vrange.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(str(path))
@@ -496,7 +611,7 @@ def machine_info() -> dict:
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
     try:
         info["cpu_affinity"] = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -520,6 +635,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="HF model folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--outlier-model", action="store_true",
+                   help="replay on sglang_vase.models.prepare_outlier_model() (built on first use)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--dataset", default="math", help="<data-dir>/<dataset>.jsonl")
     p.add_argument("--prompts", type=int, default=None, help=f"prompts (default {DEFAULTS['prompts']})")
@@ -528,15 +645,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compressions", default=None, help=f"comma list (default {DEFAULTS['compressions']})")
     p.add_argument("--window", type=int, default=None, help=f"R (default {DEFAULTS['window']})")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds of stochastic policies (default {DEFAULTS['seeds']})")
-    p.add_argument("--policies", default=None, help="comma list (default: every registered policy)")
-    p.add_argument("--workers", type=int, default=None, help=f"replay processes (default {DEFAULTS['workers']})")
+    p.add_argument("--policies", default=None,
+                   help="comma list, name or name:k=v[:k=v] (default: every registered policy)")
+    p.add_argument("--orders", default=None, help=f"kept orders, comma list of {ORDERS} (default both)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the replay (default: torch's)")
+    p.add_argument("--engine", action="store_true", help="also run the free-generation (server) part")
     p.add_argument("--engine-prompts", type=int, default=None,
                    help="prompts for the free-generation part (default: --prompts; the first ones are shared)")
     p.add_argument("--engine-concurrency", type=int, default=64, help="requests in flight at once")
-    p.add_argument("--no-engine", action="store_true", help="skip the free-generation (server) part")
     p.add_argument("--quick", action="store_true",
-                   help="1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, 4 policies")
+                   help="1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, released order, 4 policies")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--update", action="store_true",
                    help="re-run only --policies and replace their rows in --out, keeping every other row "
@@ -546,31 +665,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.model_path and args.outlier_model:
+        p.error("--model-path and --outlier-model exclude each other")
     return args
+
+
+def make_configs(policies: list[str], orders: list[str], budgets: dict, seeds: int) -> list[dict]:
+    """The full cache first, then every policy x kept order x compression x seed (seed 0 only for
+    deterministic policies)."""
+    configs = [{"policy": FULL, "order": "-", "compression": 1, "budget": None, "seed": 0}]
+    for pol in policies:
+        for order in orders:
+            for c, b in budgets.items():
+                for s in (range(seeds) if is_stochastic(pol) else [0]):
+                    configs.append({"policy": pol, "order": order, "compression": c, "budget": b, "seed": s})
+    return configs
+
+
+def engine_configs(configs: list[dict]) -> list[dict]:
+    """What a server can be asked per request: plain policy names in its kept order (released)."""
+    return [c for c in configs if c["policy"] == FULL or (c["order"] == "released" and ":" not in c["policy"])]
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _one_thread()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.time()
     from transformers import AutoTokenizer
 
-    from sglang_vase.models import prepare_default_model
-    from sglang_vase.policies import POLICIES, get_policy
+    from sglang_vase.models import prepare_default_model, prepare_outlier_model
+    from sglang_vase.policies import POLICIES
 
-    model_path = args.model_path or prepare_default_model()
+    model_path = args.model_path or (prepare_outlier_model() if args.outlier_model else prepare_default_model())
     policies = [s.strip() for s in args.policies.split(",") if s.strip()] if args.policies else sorted(POLICIES)
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if parse_policy_spec(p)[0] not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; known: {sorted(POLICIES)}")
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or set(orders) - set(ORDERS):
+        raise SystemExit(f"--orders must name some of {ORDERS}, got {args.orders!r}")
     compressions = [float(c) for c in str(args.compressions).split(",") if c.strip()]
     compressions = [int(c) if c.is_integer() else c for c in compressions]
     budgets = {c: budget_for(args.cont_len, c, args.window) for c in compressions}
-    stochastic = {p: bool(POLICIES[p].stochastic) for p in policies}
     for pol in policies:  # fail early on parameter errors
         for b in budgets.values():
-            get_policy(pol, budget=b, window=args.window)
+            build_policy(pol, b, args.window, orders[0])
+    stochastic = {p: is_stochastic(p) for p in policies}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine_prompts = max(args.prompts, args.engine_prompts or args.prompts)
@@ -578,29 +720,26 @@ def main(argv=None) -> dict:
     prompts = all_prompts[:args.prompts]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[fidelity] {len(prompts)} prompts ({[p['prompt_tokens'] for p in prompts]} tokens), cont_len "
-          f"{args.cont_len}, window {args.window}, budgets {budgets}, policies {policies}, seeds {args.seeds}, "
-          f"{args.workers} workers, {args.dtype}", flush=True)
-
-    configs = [{"policy": FULL, "compression": 1, "budget": None, "seed": 0}]
-    for pol in policies:
-        for c in compressions:
-            for s in (range(args.seeds) if stochastic[pol] else [0]):
-                configs.append({"policy": pol, "compression": c, "budget": budgets[c], "seed": s})
+    configs = make_configs(policies, orders, budgets, args.seeds)
+    print(f"[fidelity] {model_path}: {len(prompts)} prompts ({[p['prompt_tokens'] for p in prompts]} tokens), "
+          f"cont_len {args.cont_len}, window {args.window}, budgets {budgets}, orders {orders}, policies {policies}, "
+          f"seeds {args.seeds}: {len(configs)} rows per prompt, {args.dtype}, {torch.get_num_threads()} threads",
+          flush=True)
 
     result = {
         "benchmark": "fidelity",
-        "config": {"model_path": model_path, "dataset": args.dataset, "data_dir": args.data_dir,
-                   "prompts": args.prompts, "engine_prompts": len(all_prompts), "max_prompt_tokens": args.max_prompt_tokens, "cont_len": args.cont_len,
+        "config": {"model_path": model_path, "outlier_model": args.outlier_model, "dataset": args.dataset,
+                   "data_dir": args.data_dir, "prompts": args.prompts, "engine_prompts": len(all_prompts),
+                   "max_prompt_tokens": args.max_prompt_tokens, "cont_len": args.cont_len,
                    "window": args.window, "compressions": compressions,
                    "budgets": {str(c): b for c, b in budgets.items()}, "seeds": args.seeds, "policies": policies,
-                   "stochastic": stochastic, "workers": args.workers, "dtype": args.dtype, "quick": args.quick,
-                   "engine": not args.no_engine, "temperature": TEMPERATURE, "top_p": TOP_P,
+                   "orders": orders, "stochastic": stochastic, "dtype": args.dtype, "quick": args.quick,
+                   "engine": args.engine, "temperature": TEMPERATURE, "top_p": TOP_P,
                    "loop_rule": f"some {LOOP_NGRAM}-gram occurs >= {LOOP_MIN_COUNT} times in the output tokens",
                    "tail_loop_rule": f"last {TAIL_FRACTION:.0%} of the output periodic with period <= "
                                      f"{TAIL_MAX_PERIOD}, >= {TAIL_MIN_REPEATS} repeats",
                    "budget_rule": "B = cont_len / compression rounded to a multiple of window, >= 2 * window",
-                   "kl_rule": "KL(full || evicted) per row in float64, clamped at >= 0; 'after' = rows computed "
+                   "kl_rule": "KL(full || evicted) per row, clamped at >= 0; 'after' = rows computed "
                               "after the first eviction, 'all' = every row; per-prompt means averaged over prompts; "
                               "mean and std (ddof=1) over seeds"},
         "machine": machine_info(),
@@ -608,25 +747,33 @@ def main(argv=None) -> dict:
         "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
         "prompts": [{k: p[k] for k in ("index", "line", "source_id", "prompt_tokens")} for p in all_prompts],
     }
+    for p, rp in zip(prompts, result["prompts"]):
+        first = {c: first_affected_row(p["prompt_tokens"], args.cont_len, b, args.window) for c, b in budgets.items()}
+        rp["first_affected_row"] = {str(c): f[0] for c, f in first.items()}
+        rp["evictions"] = {str(c): f[1] for c, f in first.items()}
+        rp["effective_compression"] = {str(c): round((p["prompt_tokens"] + args.cont_len) / b, 2)
+                                       for c, b in budgets.items()}
 
     # --update: refuse an incomparable run before any work (references: as soon as they exist)
     previous = load_previous(out, result) if args.update else None
 
-    # ---- 3 (in the background): free generation in the engine
+    # ---- 2 (in the background): free generation in the engine
     engine_run = None
-    if not args.no_engine:
-        engine_run = EngineRun(args, model_path, all_prompts, configs, t_start)
+    if args.engine:
+        engine_run = EngineRun(args, model_path, all_prompts, engine_configs(configs), t_start)
         engine_run.start()
 
-    # ---- 1-2: reference continuations, then teacher-forced replay
+    # ---- 1: reference continuations, then teacher-forced replay
     try:
-        replay = _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start, previous)
+        replay, vranges = replay_part(args, model_path, prompts, configs, tokenizer, result, t_start, previous)
     except BaseException:
         if engine_run is not None:
             engine_run.abort()
         raise
     replay.sort(key=row_order)
     result["replay_runs"] = replay
+    result["value_ranges"] = aggregate_vrange(vranges)
+    result["noise_floor_kl"] = _mean([p.get("noise_floor_kl") for p in result["prompts"]])
     result["results"] = aggregate(replay, [], stochastic)
     if not args.update:
         out.write_text(json.dumps(result, indent=1))  # partial: replay only
@@ -648,7 +795,7 @@ def main(argv=None) -> dict:
         replay, engine, stochastic = merge_into_previous(result, previous, policies, replay, engine)
         result["replay_runs"], result["engine_runs"] = replay, engine
 
-    # ---- 4: aggregate, plots, table
+    # ---- 3: aggregate, plots, tables
     rows = aggregate(replay, engine, stochastic)
     result["results"] = rows
     this_run = result["updates"][-1] if args.update else result
@@ -658,25 +805,23 @@ def main(argv=None) -> dict:
         machine["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-    table_c = min(compressions, key=lambda c: abs(math.log(c / 4)))
-    result["table_compression"] = table_c
-    result["table"] = markdown_table(rows, table_c)
-    result["plots"] = plot(rows, out)
+    result["tables"] = {order: markdown_table(rows, order) for order in result["config"]["orders"]}
+    result["plots"] = plot(rows, result["value_ranges"], out)
     out.write_text(json.dumps(result, indent=1))
-    print(result["table"])
-    print(f"[fidelity] wrote {out} and {len(result['plots'])} plots in {result['timing']['total_seconds']:.0f}s",
-          flush=True)
+    for table in result["tables"].values():
+        print(table, "\n")
+    print(f"[fidelity] wrote {out} and {len(result['plots'])} plots in {timing['total_seconds']:.0f}s", flush=True)
     return result
 
 
 def row_order(row: dict) -> tuple:
     """The order of replay and engine rows in the results file."""
-    return row["policy"], row["compression"], row["seed"], row["prompt"]
+    return row["policy"], row["order"], row["compression"], row["seed"], row["prompt"]
 
 
 # Settings an --update run must share with the file it updates, so that its rows are comparable.
 UPDATE_KEYS = ("model_path", "dataset", "prompts", "engine_prompts", "max_prompt_tokens", "cont_len", "window",
-               "compressions", "seeds", "dtype", "temperature", "top_p")
+               "compressions", "seeds", "orders", "dtype", "temperature", "top_p")
 
 
 def load_previous(out: Path, result: dict) -> dict:
@@ -689,18 +834,18 @@ def load_previous(out: Path, result: dict) -> dict:
     return old
 
 
-def check_same_references(old: dict, result: dict) -> None:
-    """Exit unless this run's greedy reference continuations are the previous run's."""
-    for before, now in zip(old["prompts"], result["prompts"]):
-        if before.get("continuation_text") != now.get("continuation_text"):
-            raise SystemExit(f"--update: the reference continuation of prompt {now['index']} differs from the "
-                             f"previous run's (another machine or torch build?): its rows would not be comparable")
+def check_same_reference(old: dict, prompt: dict) -> None:
+    """Exit unless this run's greedy reference continuation of ``prompt`` is the previous run's."""
+    before = old["prompts"][prompt["index"]]
+    if before.get("continuation_text") != prompt.get("continuation_text"):
+        raise SystemExit(f"--update: the reference continuation of prompt {prompt['index']} differs from the "
+                         f"previous run's (another machine or torch build?): its rows would not be comparable")
 
 
 def merge_into_previous(result: dict, old: dict, policies: list[str], replay: list[dict],
                         engine: list[dict]) -> tuple[list[dict], list[dict], dict]:
     """Replace ``policies``' rows of the previous run ``old`` by this run's (``--update``; settings
-    and references checked by ``load_previous`` and ``check_same_references``): the full-cache rows
+    and references checked by ``load_previous`` and ``check_same_reference``): the full-cache rows
     and every other policy's rows stay. ``result`` takes the previous run's config with the union
     of policies and a record of this update."""
     keep = set(policies)
@@ -714,63 +859,9 @@ def merge_into_previous(result: dict, old: dict, policies: list[str], replay: li
     result["updates"] = old.get("updates", []) + [
         {"date": result["date"], "command": result["command"], "policies": sorted(keep),
          "timing": result["timing"], "machine": result["machine"], "engine": result.get("engine")}]
-    for key in ("date", "command", "timing", "machine", "engine"):
+    for key in ("date", "command", "timing", "machine", "engine", "value_ranges", "noise_floor_kl"):
         result[key] = old.get(key)
     return merged(old["replay_runs"], replay), merged(old.get("engine_runs", []), engine), stochastic
-
-
-def _replay_part(args, model_path, prompts, configs, budgets, tokenizer, result, t_start,
-                 previous: dict | None = None) -> list[dict]:
-    """Reference continuations, then every teacher-forced replay, in a pool of 1-thread workers."""
-    with tempfile.TemporaryDirectory(prefix="fidelity-refs-") as tmp:
-        ref_jobs = [{"prompt": p["index"], "prompt_ids": p["input_ids"], "cont_len": args.cont_len,
-                     "ref_path": os.path.join(tmp, f"ref{p['index']}.pt")} for p in prompts]
-        replay_jobs = []
-        for p in prompts:  # prompt-major, so that a worker reloads a reference rarely
-            first = {c: first_affected_row(p["prompt_tokens"], args.cont_len, b, args.window) for c, b in budgets.items()}
-            p["first_affected_row"] = {str(c): f[0] for c, f in first.items()}
-            p["evictions"] = {str(c): f[1] for c, f in first.items()}
-            for cfg in configs:
-                replay_jobs.append({**cfg, "prompt": p["index"], "prompt_ids": p["input_ids"],
-                                    "prompt_len": p["prompt_tokens"], "window": args.window,
-                                    "ref_path": ref_jobs[p["index"]]["ref_path"]})
-        for p, rp in zip(prompts, result["prompts"]):
-            rp["first_affected_row"] = p["first_affected_row"]
-            rp["evictions"] = p["evictions"]
-            rp["effective_compression"] = {str(c): round((p["prompt_tokens"] + args.cont_len) / b, 2)
-                                           for c, b in budgets.items()}
-        workers = max(1, args.workers)
-        pool = None
-        if workers > 1:
-            if str(HERE) not in sys.path:
-                sys.path.insert(0, str(HERE))  # spawned workers import this module by name
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                initargs=(model_path, args.dtype))
-        else:
-            _init_worker(model_path, args.dtype)
-        ok = False
-        try:
-            t0 = time.time()
-            refs = _run_jobs(pool, _reference_task, ref_jobs, "reference", t_start)
-            result["timing"] = {"reference_seconds": time.time() - t0}
-            for r in refs:
-                result["prompts"][r["prompt"]]["continuation_text"] = tokenizer.decode(r["tokens"])
-            if previous is not None:
-                check_same_references(previous, result)
-            t0 = time.time()
-            replay = _run_jobs(pool, _replay_task, replay_jobs, "replay", t_start)
-            result["timing"]["replay_seconds"] = time.time() - t0
-            result["timing"]["replay_runs"] = len(replay_jobs)
-            ok = True
-        finally:
-            if pool is not None:
-                if ok:
-                    pool.close()
-                else:
-                    pool.terminate()
-                pool.join()
-            _W.clear()
-    return replay
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """benchmarks/fidelity.py: the repetition detectors, the trigger bookkeeping, the metrics, and one
-``--quick`` run end to end (teacher-forced replay in worker processes + a real sglang-vase server)."""
+``--quick`` run end to end (the batched teacher-forced replay + a real sglang-vase server)."""
 
 from __future__ import annotations
 
@@ -48,47 +48,86 @@ def test_budget_and_first_eviction():
     assert fidelity.first_affected_row(31, 11, 32, 8) == (10, 1)
 
 
-def test_replay_metrics_identity_and_shift():
+def test_token_metrics_against_the_definitions():
+    """KL(full || row), top-1 agreement and NLL increase of each row against row 0, as computed from
+    logit differences, equal their float64 definitions; a row equal to row 0 gets exactly 0."""
     torch.manual_seed(0)
-    ref = torch.log_softmax(torch.randn(12, 50), -1)
-    tokens = ref.argmax(-1).tolist()
-    same = fidelity.replay_metrics(ref, ref.clone(), tokens, first=5)
-    assert same["kl_all"] == 0 and same["kl_after"] == 0 and same["top1_all"] == 1 and same["nll_increase_all"] == 0
-    other = torch.log_softmax(torch.randn(12, 50), -1)
-    mixed = torch.cat([ref[:5], other[5:]])
-    m = fidelity.replay_metrics(ref, mixed, tokens, first=5)
-    assert m["kl_before_max"] == 0 and m["kl_after"] > 0
+    logits = 3.0 * torch.randn(4, 12, 50)
+    logits[1] = logits[0]
+    logits[2, :5] = logits[0, :5]
+    logits[3] = logits[0] + 0.01 * torch.randn(12, 50)
+    targets = logits[0].argmax(-1)
+    lp = logits.double().log_softmax(-1)
+    kl_want = (lp[0].exp() * (lp[0] - lp)).sum(-1)
+    nll_want = lp[0].gather(-1, targets[:, None])[:, 0] - lp.gather(-1, targets[None, :, None].expand(4, -1, 1))[..., 0]
+    top1_want = (lp.argmax(-1) == lp[0].argmax(-1)).double()
+    kl, top1, nll = fidelity.token_metrics(logits.clone(), targets)
+    torch.testing.assert_close(kl, kl_want.clamp_min(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(nll, nll_want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(top1, top1_want)
+    assert kl[1].max() == 0 and kl[2, :5].max() == 0 and nll[1].abs().max() == 0
+    assert 0 < kl[3].max() < 1e-3 < kl[2, 5:].min()
+
+    m = fidelity.summarize(kl[2], top1[2], nll[2], first=5)
+    assert m["kl_before_max"] == 0 and m["kl_after"] > 0 and m["rows_after"] == 7
     assert m["kl_all"] == pytest.approx(m["kl_after"] * 7 / 12)
     assert 0 <= m["top1_after"] <= 1
+
+
+def test_policy_specs_and_configs():
+    assert fidelity.parse_policy_spec("vase") == ("vase", {})
+    assert fidelity.parse_policy_spec("vase-adaptive:tau=2.5:n_large=8") == ("vase-adaptive", {"tau": 2.5, "n_large": 8})
+    with pytest.raises(ValueError, match="k=v"):
+        fidelity.parse_policy_spec("vase:tau")
+    policy = fidelity.build_policy("vase-adaptive:tau=3", 64, 16, "sorted")
+    assert policy.tau == 3.0 and policy.sort_kept and policy.budget == 64
+    configs = fidelity.make_configs(["snapkv", "vase:n_large=8"], ["released", "sorted"], {2: 64, 4: 32}, 3)
+    assert configs[0]["policy"] == fidelity.FULL
+    assert len(configs) == 1 + 2 * 2 * 1 + 2 * 2 * 3  # deterministic: seed 0 only
+    engine = fidelity.engine_configs(configs)
+    assert {c["policy"] for c in engine} == {fidelity.FULL, "snapkv"} and {c["order"] for c in engine[1:]} == {"released"}
+
+
+def test_value_range_stats():
+    values = torch.zeros(2, 104, 8)
+    values[:, :, 0] = 1.0  # range 1 ...
+    values[0, 50, 0] = 10.0  # ... but one token 10 on head 0
+    values[:, :4, 0] = 1e3  # sinks are left out
+    stats = fidelity.value_range_stats(values)
+    assert stats["max_over_median"] == [10.0, 1.0]
+    assert stats["share_above_4x"] == [0.01, 0.0]
+    assert stats["p99_over_median"][1] == 1.0
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_OK, reason="shared/data/reasoning/math.jsonl not found")
 def test_quick_run(tmp_path):
     out = tmp_path / "fidelity.json"
-    returned = fidelity.main(["--quick", "--out", str(out)])
+    returned = fidelity.main(["--quick", "--engine", "--threads", "1", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["table"] == returned["table"]
+    assert data["tables"] == returned["tables"]
 
     for key in ("config", "machine", "date", "command", "prompts", "results", "replay_runs", "engine_runs",
-                "engine", "timing", "table", "plots"):
+                "engine", "timing", "tables", "plots", "value_ranges", "noise_floor_kl"):
         assert key in data, key
     cfg = data["config"]
     assert cfg["cont_len"] == 64 and cfg["window"] == 8 and cfg["compressions"] == [2, 4] and cfg["seeds"] == 1
-    assert cfg["policies"] == ["vase", "snapkv", "streamingllm", "evict-large-v"]
+    assert cfg["policies"] == ["vase", "snapkv", "streamingllm", "evict-large-v"] and cfg["orders"] == ["released"]
     assert cfg["budgets"] == {"2": 32, "4": 16}
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"] == torch.__version__
     assert "--quick" in data["command"]
+    assert len(data["value_ranges"]) == 30 and data["value_ranges"][0]["max_over_median"]["max"] > 1
+    assert 0 <= data["noise_floor_kl"] < 0.05  # bf16 summation order only
 
     rows = {(r["policy"], r["compression"]): r for r in data["results"]}
     full = rows[("full", 1)]
     assert full["kl_all"] == 0.0 and full["top1_all"] == 1.0 and full["nll_increase_all"] == 0.0
-    assert full["kl_before_max"] == 0.0
     for pol in cfg["policies"]:
         for c in (2, 4):
             r = rows[(pol, c)]
+            assert r["order"] == "released"
             assert r["evictions"] > 0 and r["engine_evictions"] > 0
-            assert r["kl_before_max"] == 0.0  # rows before the first eviction match the full cache exactly
+            assert r["kl_before_max"] == 0.0  # rows before the first eviction are the full cache's
             for k in ("kl_after", "kl_all"):
                 assert r[k] >= 0 and math.isfinite(r[k])
             assert r["kl_after"] > 0
@@ -104,8 +143,8 @@ def test_quick_run(tmp_path):
     assert all(r["tokens"] == 64 for r in data["engine_runs"])
     assert len(data["replay_runs"]) == 1 + 4 * 2
 
-    assert "| full |" in data["table"] and "| vase |" in data["table"]
-    assert len(data["plots"]) == 3
+    assert "| vase |" in data["tables"]["released"]
+    assert len(data["plots"]) == 5
     for p in data["plots"]:
         path = Path(p)
         assert path.parent == tmp_path and path.suffix == ".png"

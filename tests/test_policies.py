@@ -19,8 +19,9 @@ from sglang_vase.policies.base import EvictionInputs
 from sglang_vase.policies.scoring import attention_scores, value_range
 
 ALL = sorted(POLICIES)
-STOCHASTIC = ["evict-large-v", "random", "snapkv-sample", "vase"]
-SINK_KEEPERS = ["curdkv", "streamingllm", "vase", "vase-dkv", "vase-topk"]
+STOCHASTIC = ["evict-large-v", "random", "random-nosink", "snapkv-sample", "vase", "vase-adaptive", "vase-random-slots"]
+SINK_KEEPERS = ["curdkv", "random", "streamingllm", "vase", "vase-adaptive", "vase-dkv", "vase-random-slots",
+                "vase-topk"]
 
 
 @pytest.fixture
@@ -50,10 +51,13 @@ def as_sets(keep: torch.Tensor) -> list[set[int]]:
 def test_registry_defaults_and_description():
     assert set(POLICIES) >= {
         "vase", "vase-topk", "snapkv", "snapkv-sample", "vase-dkv", "curdkv", "rkv",
-        "streamingllm", "h2o", "random", "evict-large-v",
+        "streamingllm", "h2o", "random", "evict-large-v", "random-nosink", "vase-adaptive", "vase-random-slots",
     }
     vase = get_policy("vase", budget=512, window=64)
     assert (vase.n_large, vase.n_sink, vase.smoothing_kernel, vase.temperature) == (128, 4, 5, 1.0)
+    adaptive = get_policy("vase-adaptive", budget=512, window=64)
+    assert (adaptive.n_large, adaptive.tau, adaptive.n_pinned_min) == (128, 4.0, 0)
+    assert get_policy("vase-random-slots", budget=512, window=64).n_large == 128
     assert get_policy("evict-large-v", budget=512, window=64).n_large == 64
     assert get_policy("vase-dkv", budget=512).proj_dim == 20
     for cls in POLICIES.values():
@@ -143,6 +147,72 @@ def test_value_slots_pinned_first_in_range_order(name, seed):
     assert torch.equal(sorted_keep, keep.sort(dim=-1).values), f"seed={seed}"
 
 
+@pytest.mark.parametrize("outliers", [0, 12, 30])
+def test_adaptive_pins_only_outliers_up_to_the_cap(outliers, seed):
+    """Head 0 gets ``outliers`` abnormal value ranges, head 1 none. vase-adaptive keeps what VaSE
+    keeps with exactly that many value slots (sinks + outliers, at most n_large = 20): on head 1 the
+    sinks alone, on head 0 the outliers too, largest range first; the unused pin slots go to the
+    attention draw, from the same noise."""
+    keys, values, queries = make_inputs(seed, h_kv=2, group=2, n=128)
+    large = torch.randperm(124, generator=gen(seed))[:outliers] + 4
+    values[0, large] *= 50.0
+    adaptive = get_policy("vase-adaptive", budget=80, window=16)  # cap n_large = 20
+    keep = adaptive.select(keys, values, queries, gen(seed))
+    for h, pins in ((0, min(4 + outliers, 20)), (1, 4)):
+        vase = get_policy("vase", budget=80, window=16, n_large=pins)
+        want = vase.select_batched(keys[h : h + 1], values[h : h + 1], queries[2 * h : 2 * h + 2],
+                                   noise.seed_from_generator(gen(seed)), 0, head_offset=h)[0]
+        assert set(keep[h, :4].tolist()) == {0, 1, 2, 3}, f"seed={seed}"  # sinks: +inf ranges, any order
+        assert torch.equal(keep[h, 4:], want[4:]), f"head {h}, seed={seed}"
+    sorting = get_policy("vase-adaptive", budget=80, window=16, sort_kept=True)
+    assert torch.equal(sorting.select(keys, values, queries, gen(seed)), keep.sort(dim=-1).values)
+
+
+def test_adaptive_threshold_is_relative_to_the_median(seed):
+    """The test is range > tau x the median range of the head's non-sink candidates: a token just
+    above is pinned, one just below is not, whatever the scale of the values; all-equal ranges
+    (zero values) pin the sinks only."""
+    keys, _, queries = make_inputs(seed, h_kv=1, group=2, n=64)
+    ranges = 1.0 + 0.01 * torch.arange(64.0)
+    ranges[10] = 100.0
+    median = ranges[4:].median()  # token 50 stays above it whatever its range below
+    policy = get_policy("vase-adaptive", budget=48, window=16, tau=2.0, n_large=8)
+    for factor, pinned in ((2.05, {0, 1, 2, 3, 10, 50}), (1.95, {0, 1, 2, 3, 10})):
+        ranges[50] = factor * median
+        values = torch.zeros(1, 64, 64)
+        values[0, :, 0], values[0, :, 1] = ranges / 2, -ranges / 2
+        for scale in (1.0, 1e-3, 1e3):
+            x = EvictionInputs(keys, values * scale, queries, torch.tensor(seed), torch.tensor(0))
+            got = set(torch.nonzero(policy.pin_scores(x)[0] > -math.inf)[:, 0].tolist())
+            assert got == pinned, f"factor {factor}, scale {scale}"
+            assert set(policy.select(keys, values * scale, queries, gen(seed))[0, : len(pinned)].tolist()) == pinned
+    x = EvictionInputs(keys, torch.zeros(1, 64, 64), queries, torch.tensor(seed), torch.tensor(0))
+    assert torch.nonzero(policy.pin_scores(x)[0] > -math.inf)[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_random_slots_are_uniform_and_redrawn(seed):
+    """vase-random-slots pins the sinks and n_large - n_sink tokens drawn uniformly, anew at every
+    eviction and per head; values do not matter."""
+    keys, values, queries = make_inputs(seed, h_kv=2, group=2, n=40)
+    values[:, 10] *= 1e3  # a large value buys nothing here
+    policy = get_policy("vase-random-slots", budget=32, window=8, n_large=8)  # 4 random slots of 36
+    draws = 3000
+    seeds = seed * draws + torch.arange(draws)
+
+    def batch(t):
+        return t.expand(draws, *t.shape)
+
+    keep = policy.select_batched(batch(keys), batch(values), batch(queries), seeds, torch.zeros(draws, dtype=torch.long))
+    pinned = keep[:, :, :8]
+    assert (pinned[..., :4].sort(-1).values == torch.arange(4)).all()
+    freq = torch.stack([(pinned[..., 4:] == t).any(-1).float().mean(0) for t in range(4, 40)])  # [36, H]
+    q = 4 / 36
+    assert (freq - q).abs().max() < 5 * math.sqrt(q * (1 - q) / draws), f"seed={seed}"
+    assert not torch.equal(pinned[:, 0], pinned[:, 1])  # heads draw their own slots
+    step1 = policy.select_batched(keys, values, queries, seed, 1)[:, :8]
+    assert not torch.equal(policy.select_batched(keys, values, queries, seed, 0)[:, :8], step1)
+
+
 def test_evict_large_v_keeps_no_large_value(seed):
     keys, values, queries = make_inputs(seed, h_kv=2, group=2, n=64)
     values[:, :2] *= 100.0  # sinks with the largest ranges: not protected here
@@ -164,7 +234,7 @@ def test_evict_large_v_keeps_no_large_value(seed):
         policy.select(keys[:, :63], values[:, :63], queries, gen(seed))
 
 
-@pytest.mark.parametrize("name", ["vase", "evict-large-v", "snapkv-sample"])
+@pytest.mark.parametrize("name", ["vase", "evict-large-v", "snapkv-sample", "vase-adaptive", "vase-random-slots"])
 def test_zero_scores_sampled_but_pinned_and_excluded_never(name, seed):
     """Attention that underflows to exactly 0 leaves fewer positive scores than slots: the zero-score
     tokens fill the rest, yet pinned tokens are not drawn twice and excluded ones never."""
@@ -330,36 +400,40 @@ def test_alternative_samplers_fail_the_tolerance():
 
 
 def sampling_case(name: str):
-    """(policy, keys, values, queries, sampled tokens, their scores, pinned token or None).
+    """(policy, keys, values, queries, sampled tokens, their scores, pinned tokens).
 
     One KV head, one query: the window attention is set exactly by the keys (q.k / sqrt(D) = log p).
     """
     d = 4
     q = torch.zeros(1, 1, d)
     q[..., 0] = 1.0
-    if name == "random":
-        keys = torch.randn(1, 6, d, generator=gen(0))
-        return get_policy(name, budget=6, window=3), keys, keys, None, list(range(6)), [1 / 6] * 6, None
+    if name.startswith("random"):
+        keys = torch.randn(1, 8, d, generator=gen(0))
+        if name == "random-nosink":
+            return get_policy(name, budget=6, window=3), keys, keys, None, list(range(8)), [1 / 8] * 8, []
+        # the two sinks always, then 1 of the 6 others uniformly
+        policy = get_policy(name, budget=6, window=3, n_sink=2)
+        return policy, keys, keys, None, list(range(2, 8)), [1 / 6] * 6, [0, 1]
     if name == "snapkv-sample":
         keys = torch.zeros(1, 6, d)
         keys[0, :, 0] = torch.tensor(P).log() * math.sqrt(d)
         policy = get_policy(name, budget=6, window=3, smoothing_kernel=1)
-        return policy, keys, torch.randn(1, 6, d, generator=gen(0)), q, list(range(6)), P, None
+        return policy, keys, torch.randn(1, 6, d, generator=gen(0)), q, list(range(6)), P, []
     # vase: token 6 has by far the largest value range and is pinned; 3 of the others are sampled.
     keys = torch.zeros(1, 7, d)
     keys[0, :, 0] = torch.tensor([0.8 * p for p in P] + [0.2]).log() * math.sqrt(d)
     values = 0.1 * torch.randn(1, 7, d, generator=gen(0))
     values[0, 6] = torch.tensor([10.0, -10.0, 0.0, 0.0])
     policy = get_policy(name, budget=5, window=1, n_large=1, n_sink=0, smoothing_kernel=1)
-    return policy, keys, values, q, list(range(6)), P, 6
+    return policy, keys, values, q, list(range(6)), P, [6]
 
 
 @pytest.mark.parametrize("form", ["single", "batched"])
-@pytest.mark.parametrize("name", ["snapkv-sample", "vase", "random"])
+@pytest.mark.parametrize("name", ["snapkv-sample", "vase", "vase-adaptive", "random", "random-nosink"])
 def test_sampling_frequencies(name, form, seed):
     """Kept-token frequencies match sampling without replacement proportional to the score."""
     policy, keys, values, queries, tokens, p, pinned = sampling_case(name)
-    n_sampled = policy.n_keep - (pinned is not None)
+    n_sampled = policy.n_keep - len(pinned)
     if queries is not None:
         x = EvictionInputs(keys, values, queries, torch.tensor(0), torch.tensor(0))
         scores = policy.scores(x)[0, tokens]
@@ -375,9 +449,8 @@ def test_sampling_frequencies(name, form, seed):
         steps = torch.zeros(DRAWS, dtype=torch.int64)
         keep = policy.select_batched(batch(keys), batch(values), batch(queries), seeds, steps)
     keep = keep.reshape(DRAWS, -1)
-    if pinned is not None:
-        assert (keep[:, 0] == pinned).all(), f"seed={seed}"
-        keep = keep[:, 1:]
+    assert (keep[:, : len(pinned)].sort(dim=1).values == torch.tensor(pinned)).all(), f"seed={seed}"
+    keep = keep[:, len(pinned):]
     freq = [(keep == t).any(dim=1).float().mean().item() for t in tokens]
     exact = successive_inclusion(p, n_sampled)
     for t, f, q in zip(tokens, freq, exact):
@@ -426,6 +499,11 @@ BAD_PARAMS = [
     ("rkv", dict(budget=128, lam=1.5), "lam"),
     ("curdkv", dict(budget=128, proj_dim=0), "proj_dim"),
     ("vase", dict(budget=128, bogus=1), "bogus"),
+    ("vase-adaptive", dict(budget=128, tau=1.0), "tau"),
+    ("vase-adaptive", dict(budget=128, tau="4"), "tau"),
+    ("vase-adaptive", dict(budget=128, window=64, n_large=65), "n_large"),
+    ("vase-random-slots", dict(budget=128, window=64, n_large=-1), "n_large"),
+    ("random-nosink", dict(budget=128, tau=4.0), "tau"),
     ("h2o", dict(budget=128, temperature=1.0), "temperature"),
     ("evict-large-v", dict(budget=128, window=32, n_large=33), "n_large"),
     ("vase", dict(window=64), "budget"),

@@ -209,14 +209,15 @@ def test_eviction_compacts_true_positions(model, snapkv_run, chat_prompt):
 
 
 def test_keep_override_replays_exactly(model, snapkv_run, chat_prompt):
+    """The override alone decides (another policy would select differently), and ``extend`` (the
+    tokens in as few forwards as the triggers allow) computes what ``step`` computed token by token."""
     log = snapkv_run["dec"].keep_log
-    # A policy that would select differently: the override alone must decide.
     other = get_policy("streamingllm", budget=BUDGET, window=WINDOW)
-    got = teacher_forced(
-        model, chat_prompt, snapkv_run["tokens"], other, seed=99, logprobs=False,
-        keep_override=lambda e, layer: log[e][layer],
-    )
-    assert torch.equal(got, snapkv_run["logits"][:-1])
+    dec = EvictingDecoder(model, other, seed=99, keep_override=lambda e, layer: log[e][layer])
+    got = torch.cat([dec.prefill(chat_prompt)[None], dec.extend(snapkv_run["tokens"][:-1])[0]])
+    assert len(dec.keep_log) == len(log) and all(torch.equal(a, b) for a, b in zip(dec.keep_log, log))
+    # fp32 sums over a chunk of tokens and over one token differ in their last bits only
+    torch.testing.assert_close(got, snapkv_run["logits"][:-1], atol=1e-4, rtol=0)
 
 
 def test_keep_override_changes_the_result(model, snapkv_run, chat_prompt):
@@ -345,3 +346,34 @@ def test_mha_model_evicts():
         logits = dec.step(int(torch.argmax(logits)))
     assert dec.evictions == 3 and dec.physical_length == 32
     assert [k.shape for k in dec.keep_log] == [(2, 4, 24)] * 3
+
+
+def test_rows_in_one_decoder_equal_rows_alone():
+    """Rows of several policies, budgets and seeds fed together (the trunk shared until each
+    budget's first trigger, then one stream per budget) compute what each computes alone, and a
+    full-cache row is the full cache."""
+    from sglang_vase.reference import Row
+
+    model = tiny_model("llama")
+    # Distinct tokens: a repeated token has the same layer-0 value, an exact tie whose order in
+    # topk may differ between any two computations.
+    prompt, continuation = list(range(5, 45)), [50 + (7 * i) % 200 for i in range(100)]
+    specs = [(None, 0), ("vase", 0), ("vase", 1), ("snapkv", 0), ("vase-adaptive", 2), ("random", 3)]
+    rows, policies = [], {}
+    for budget in (48, 64):
+        for name, seed in specs:
+            if name is None and budget == 64:
+                continue
+            policy = policies.setdefault((name, budget), name and get_policy(name, budget=budget, window=8))
+            rows.append(Row(policy, seed))
+    dec = EvictingDecoder(model, rows=rows)
+    got = torch.cat([dec.prefill(prompt).expand(len(rows), 1, -1), dec.extend(continuation[:-1])], dim=1)
+    for r, row in enumerate(rows):
+        alone = EvictingDecoder(model, row.policy, seed=row.seed)
+        want = torch.cat([alone.prefill(prompt)[None], torch.stack([alone.step(t) for t in continuation[:-1]])])
+        torch.testing.assert_close(got[r], want, atol=1e-4, rtol=0, msg=f"row {r}")
+        assert dec.row_evictions(r) == alone.evictions and dec.row_length(r) == alone.physical_length
+        assert all(torch.equal(a, b) for a, b in zip(dec.row_keep_log(r), alone.keep_log)), f"row {r}"
+    assert dec.row_evictions(0) == 0 and dec.row_evictions(1) >= 5
+    # the rows of one budget kept different tokens (different seeds and policies)
+    assert not torch.equal(dec.row_keep_log(1)[0], dec.row_keep_log(2)[0])

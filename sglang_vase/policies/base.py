@@ -3,7 +3,7 @@
 A policy is a small class with one scoring method (kvpress style). Selection is common:
 
     pinned  = top-n_pinned of ``pin_scores``            (e.g. VaSE's largest value ranges)
-    rest    = K - n_pinned more, by ``scores``:
+    rest    = K - (pins used) more, by ``scores``:
               top-k (deterministic policies) or sampled without replacement proportionally to the
               score (stochastic policies; Gumbel-top-k: topk(log score + Gumbel noise))
     keep    = pinned ++ rest                            (or sorted by position if ``sort_kept``)
@@ -11,6 +11,9 @@ A policy is a small class with one scoring method (kvpress style). Selection is 
 with K = budget - window, per (batch..., KV head) independently.
 
 A score of ``-inf`` excludes a token: it is never kept (the ``evict-large-v`` control uses it).
+A pin score of ``-inf`` is no pin: ``n_pinned`` is a cap, and the slots of the pins a head does not
+use go to the rest (``vase-adaptive`` pins only outliers). Shapes stay fixed whatever the count, so
+nothing waits for the device: the rest is drawn for the largest count it can need and cut per head.
 
 Two entry points share that code:
 - ``select(keys, values, queries, generator)``: one request, ``[H_kv, N, D]`` -> ``[H_kv, K]``;
@@ -130,7 +133,13 @@ class Policy:
 
     @property
     def n_pinned(self) -> int:
+        """Most tokens pinned by ``pin_scores`` per head and eviction."""
         return 0
+
+    @property
+    def n_pinned_min(self) -> int:
+        """Pins always used (their pin scores are never ``-inf``); fewer widen the rest's draw."""
+        return self.n_pinned
 
     # --- the one method a policy implements -------------------------------------------------
     def scores(self, x: EvictionInputs) -> torch.Tensor:
@@ -208,12 +217,17 @@ class Policy:
         """The shared selection step, given the policy's scores and pin scores."""
         k = self.n_keep
         scores = scores.float()
-        parts = []
-        if pin_scores is not None and self.n_pinned > 0:
-            pinned = torch.topk(pin_scores, self.n_pinned, dim=-1).indices
-            parts.append(pinned)
-            scores = scores.scatter(-1, pinned, -math.inf)
-        n_rest = k - (self.n_pinned if pin_scores is not None else 0)
+        n_pin = self.n_pinned if pin_scores is not None else 0
+        n_pin_min = min(self.n_pinned_min, n_pin)
+        if n_pin:
+            top = torch.topk(pin_scores, n_pin, dim=-1)
+            pinned = top.indices
+            # Sorted descending, so the used pins are a prefix: the first n_pin_min, then any not -inf.
+            used = top.values != -math.inf
+            used[..., :n_pin_min] = True
+            scores = scores.scatter(-1, pinned, torch.where(used, -math.inf, scores.gather(-1, pinned)))
+        parts = [pinned] if n_pin else []
+        n_rest = k - n_pin_min  # the rest's largest count: every pin beyond the minimum unused
         if n_rest > 0:
             if self.stochastic:
                 g = x.noise("gumbel", 0, tuple(scores.shape[len(x.seed.shape):]), per_head=True)
@@ -223,6 +237,10 @@ class Policy:
                 key = scores
             parts.append(torch.topk(key, n_rest, dim=-1).indices)
         keep = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        if n_pin_min < n_pin:  # per head: its used pins, then the first K - (used) of the rest
+            slot = torch.arange(k, device=keep.device)
+            n_used = used.sum(dim=-1, keepdim=True)
+            keep = keep.gather(-1, torch.where(slot < n_used, slot, slot - n_used + n_pin))
         return keep.sort(dim=-1).values if self.sort_kept or self.positional else keep
 
     # --- input checks --------------------------------------------------------------------------

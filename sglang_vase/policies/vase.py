@@ -1,4 +1,4 @@
-"""VaSE-AttnV and its value-slot ablations (VASE_SPEC "One eviction")."""
+"""VaSE-AttnV, its value-slot ablations, and value slots only for outliers (VASE_SPEC "One eviction")."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sglang_vase.policies.base import EvictionInputs, check_int
+from sglang_vase.policies.base import EvictionInputs, check_float, check_int
 from sglang_vase.policies.snapkv import SnapKV
 
 
@@ -37,6 +37,58 @@ class VaSE(SnapKV):
 
     def pin_scores(self, x: EvictionInputs) -> torch.Tensor:
         return x.value_range(self.n_sink)
+
+
+# Noise stream of the random slots (0 is the selection's Gumbel noise, 1 CurDKV's projection).
+_RANDOM_SLOT_STREAM = 2
+# vase-adaptive's outlier threshold, in multiples of the median value range (see VaSEAdaptive).
+DEFAULT_TAU = 4.0
+
+
+class VaSEAdaptive(VaSE):
+    """VaSE with value slots for outliers only: pin the sinks and the tokens whose value range exceeds
+    tau x the median range of the head's candidates, at most n_large; sample the rest by attention.
+
+    Per (layer, KV head) and eviction. The median is over the non-sink candidates. On a model whose
+    ranges are mild nothing but the sinks passes, and the policy is snapkv-sample with the sinks
+    kept; on one with abnormal ranges (VaSE's Qwen3 finding) it pins them as VaSE does, and never
+    spends slots on tokens that are merely the largest of ordinary ones. Kept order: [pinned by
+    range desc, sampled] unless sort_kept.
+
+    Parameters (besides those of ``vase``):
+        n_large: most pinned tokens, sinks included; None = budget // 4.
+        tau: the outlier threshold, > 1, in multiples of the median range. Default 4.0.
+    """
+
+    name = "vase-adaptive"
+
+    def __init__(self, budget: int, *, tau: float = DEFAULT_TAU, **params):
+        super().__init__(budget, **params)
+        check_float("tau", tau, minimum=1.0, open_minimum=True)
+        self.tau = float(tau)
+
+    @property
+    def n_pinned_min(self) -> int:
+        return 0  # how many pass the test differs per head: unused pins go to the sampled rest
+
+    def pin_scores(self, x: EvictionInputs) -> torch.Tensor:
+        vrange = x.value_range(self.n_sink)  # sinks +inf
+        sink = torch.arange(vrange.shape[-1], device=vrange.device) < self.n_sink
+        median = torch.nanmedian(vrange.masked_fill(sink, math.nan), dim=-1, keepdim=True).values
+        pinned = sink | (vrange > self.tau * median)
+        return vrange.masked_fill(~pinned, -math.inf)
+
+
+class VaSERandomSlots(VaSE):
+    """Ablation: n_large random slots (sinks forced in) instead of the largest value ranges; the rest
+    sampled by attention as VaSE does. A new draw at every eviction, per head."""
+
+    name = "vase-random-slots"
+
+    def pin_scores(self, x: EvictionInputs) -> torch.Tensor:
+        shape = tuple(x.keys.shape[-3:-1])  # (H_kv, N)
+        draw = x.noise("hashed_uniform", _RANDOM_SLOT_STREAM, shape, per_head=True)
+        return draw.masked_fill(torch.arange(shape[-1], device=draw.device) < self.n_sink, math.inf)
 
 
 class VaSETopK(VaSE):

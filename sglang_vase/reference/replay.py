@@ -15,6 +15,14 @@ KV cache ``[H_kv, n, D]`` of post-RoPE keys (after q_norm/k_norm for Qwen3), so 
   becomes ``cand[h, keep[h]] ++ cache[h, n-R:n]`` (n = B). The eviction counter counts events
   (one per step that evicts, all layers).
 
+Rows. A decoder holds one or more rows (``Row``: policy, seed), all fed the same tokens; the
+single-request form ``EvictingDecoder(model, policy, seed)`` is one row. Rows that have not evicted
+yet hold the same cache, so it is stored and computed once (the trunk); at the first trigger of a
+budget its rows copy the trunk and go on as a stream of their own. One forward runs every stream:
+projections and MLP over all their tokens at once, attention per stream. ``extend(tokens)`` feeds
+several tokens in one forward (teacher forcing) and splits them at every trigger, so it computes
+what ``step`` computes token by token, up to the order of float sums.
+
 Supported: Llama / Mistral / Qwen2 / Qwen3 style decoders (``model.model.layers[i].self_attn`` with
 q/k/v/o_proj, optional q_norm/k_norm, input_layernorm, post_attention_layernorm, mlp,
 ``model.model.norm``, ``model.model.rotary_emb``, ``lm_head``); full attention only.
@@ -23,22 +31,40 @@ q/k/v/o_proj, optional q_norm/k_norm, input_layernorm, post_attention_layernorm,
     dec = EvictingDecoder(model, get_policy("vase", budget=512, window=64), seed=7)
     logits = dec.prefill(prompt_ids)
     logits = dec.step(next_token)          # repeat
+
+    rows = [Row(None), Row(get_policy("vase", budget=512, window=64), seed=s) for s in range(3)]
+    dec = EvictingDecoder(model, rows=rows, record_keeps=False)
+    dec.prefill(prompt_ids)
+    logits = dec.extend(continuation[:64])   # [rows, 64, V]
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from sglang_vase.engine.selection import select_keep, should_evict
 from sglang_vase.policies.base import Policy
 
-# Prefill attention is computed in query chunks so that the fp32 score matrix stays small.
+# Attention is computed in query chunks so that the fp32 score matrix stays small.
 _SCORE_BYTES = 256 << 20
 
 KeepOverride = Callable[[int, int], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request's eviction settings: ``policy`` None keeps the full cache; ``keep_override``
+    ``f(eviction_index, layer) -> LongTensor [H_kv, B - R] or None`` replaces the policy's selection
+    for that (eviction, layer) when it returns a tensor (to replay an engine trace)."""
+
+    policy: Policy | None = None
+    seed: int = 0
+    keep_override: KeepOverride | None = None
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -57,19 +83,69 @@ def _rope_function(attn: torch.nn.Module) -> Callable:
     return fn
 
 
+class _Stream:
+    """Rows whose caches hold the same tokens: the trunk (rows that have not evicted; one copy for
+    all) or the rows of one budget after their first eviction (one copy per row; each (layer, KV
+    head) of each copy holds its own token set).
+
+    Per layer: ``k``/``v`` ``[C, H_kv, capacity, D]``, ``pos`` ``[C, H_kv, capacity]`` (the true
+    position of each slot); ``ring`` ``[C, L, R, H_q, D]`` or None; C copies.
+    """
+
+    def __init__(self, rows: list[int], copies: int, budget: int | None, shape: tuple, dtype, device):
+        self.rows, self.copies, self.budget = rows, copies, budget
+        self.length = 0
+        self.evictions = 0
+        n_layers, capacity, h_kv, head_dim = shape
+        self.k = [torch.empty((copies, h_kv, capacity, head_dim), dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty_like(t) for t in self.k]
+        self.pos = [torch.empty((copies, h_kv, capacity), dtype=torch.long, device=device) for _ in range(n_layers)]
+        self.ring: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def branch(self, rows: list[int], budget: int, capacity: int) -> "_Stream":
+        """A stream of one copy per row of ``rows``, holding this (one-copy) stream's cache."""
+        n = self.length
+        _, h_kv, _, head_dim = self.k[0].shape
+        new = _Stream(rows, len(rows), budget, (len(self.k), capacity, h_kv, head_dim), self.k[0].dtype,
+                      self.k[0].device)
+        for mine, theirs in ((self.k, new.k), (self.v, new.v), (self.pos, new.pos)):
+            for src, dst in zip(mine, theirs):
+                dst[:, :, :n] = src[:, :, :n]
+        new.ring = self.ring.expand(len(rows), *self.ring.shape[1:]).clone()
+        new.length = n
+        return new
+
+    def grow(self, need: int) -> None:
+        """Make room for ``need`` slots (the trunk only: branches have a static footprint)."""
+        if need <= self.capacity:
+            return
+        new = max(need, 2 * self.capacity)
+        n = self.length
+        for bufs in (self.k, self.v, self.pos):
+            for l, old in enumerate(bufs):
+                grown = old.new_empty((*old.shape[:2], new, *old.shape[3:]))
+                grown[:, :, :n] = old[:, :, :n]
+                bufs[l] = grown
+
+
 class EvictingDecoder:
-    """One request through the model with the engine's eviction schedule.
+    """Requests (rows) through the model with the engine's eviction schedule, fed the same tokens.
 
     Args:
         model: a causal LM loaded by ``load_model`` (any dtype/device).
-        policy: an eviction ``Policy`` (budget B, window R), or None for the full cache.
-        seed: the request seed handed to ``select_keep``.
-        keep_override: ``f(eviction_index, layer) -> LongTensor [H_kv, B - R] or None``; a tensor
-            replaces the policy's selection for that (eviction, layer) (to replay an engine trace).
+        policy, seed, keep_override: the single row of the one-request form (see ``Row``).
+        rows: several rows instead (then ``policy``, ``seed``, ``keep_override`` stay unset). Every
+            row with a policy must use the same window (the query ring is shared until it branches).
+        record_keeps: keep every eviction's keep sets in ``keep_log`` (CPU memory per row).
 
-    State after each call: ``physical_length`` (n), ``position`` (next true position = tokens
-    seen), ``evictions`` (events so far), ``keep_log`` (one CPU int64 ``[L, H_kv, B - R]`` per
-    eviction, the indices into that eviction's candidates), ``slot_positions(layer)``.
+    State after each call, for row 0 (``row_length(r)``/``row_evictions(r)`` for the others):
+    ``physical_length`` (n), ``position`` (next true position = tokens seen, shared), ``evictions``
+    (events so far), ``keep_log`` (``row_keep_log(r)``; one CPU int64 ``[L, H_kv, B - R]`` per eviction, the indices into
+    that eviction's candidates), ``slot_positions(layer)``, ``cache(layer)``.
     """
 
     def __init__(
@@ -78,7 +154,16 @@ class EvictingDecoder:
         policy: Policy | None = None,
         seed: int = 0,
         keep_override: KeepOverride | None = None,
+        *,
+        rows: Sequence[Row] | None = None,
+        record_keeps: bool = True,
     ):
+        if rows is None:
+            rows = [Row(policy, seed, keep_override)]
+        elif policy is not None or keep_override is not None or seed:
+            raise ValueError("give either rows or one row's policy/seed/keep_override, not both")
+        if not rows:
+            raise ValueError("a decoder needs at least one row")
         config = model.config
         layer_types = getattr(config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -102,75 +187,143 @@ class EvictingDecoder:
         weight = inner.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
 
-        self.policy = policy
-        self.seed = int(seed)
-        self.keep_override = keep_override
-        self.budget = policy.budget if policy is not None else None
-        self.window = policy.window if policy is not None else None
+        self.rows = list(rows)
+        windows = {r.policy.window for r in self.rows if r.policy is not None}
+        if len(windows) > 1:
+            raise ValueError(f"rows with policies must share one window, got {sorted(windows)}")
+        self.window = windows.pop() if windows else None
+        self.policy, self.seed, self.keep_override = self.rows[0].policy, self.rows[0].seed, self.rows[0].keep_override
+        self.budget = self.policy.budget if self.policy is not None else None
+        self.record_keeps = record_keeps
 
-        self.physical_length = 0
         self.position = 0
-        self.evictions = 0
-        self.keep_log: list[torch.Tensor] = []
-        self._k: list[torch.Tensor] = []  # per layer [H_kv, capacity, D]
-        self._v: list[torch.Tensor] = []
-        self._pos: list[torch.Tensor] = []  # per layer [H_kv, capacity] true position of each slot
-        self._ring: torch.Tensor | None = None  # [L, R, H_q, D]
+        self.prompt_length = 0
+        self._keep_logs: list[list[torch.Tensor]] = [[] for _ in self.rows]
+        self._streams: list[_Stream] = []
+        self._trunk: _Stream | None = None
+        self._where: list[tuple[_Stream, int]] = []  # row -> (stream, copy)
 
     # --- public API ---------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, prompt_ids) -> torch.Tensor:
-        """Uncompressed prefill at positions 0..P-1; returns the last token's logits ``[V]`` fp32."""
+        """Uncompressed prefill at positions 0..P-1; returns the last token's logits ``[V]`` fp32
+        (the same for every row: nothing is evicted yet)."""
         if self.position:
             raise RuntimeError("prefill() was already called on this decoder")
         ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)
         if ids.numel() == 0:
             raise ValueError("the prompt must contain at least one token")
-        p = ids.numel()
-        capacity = p if self.policy is None else max(p, self.budget) + self.window
-        shape = (self.n_kv, capacity, self.head_dim)
-        self._k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self._v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self._pos = [torch.empty(shape[:2], dtype=torch.long, device=self.device) for _ in self.layers]
-        if self.policy is not None:
-            self._ring = torch.zeros(
-                (self.n_layers, self.window, self.n_q, self.head_dim), dtype=self.dtype, device=self.device
-            )
-        return self._forward(ids)
+        p = self.prompt_length = ids.numel()
+        capacity = p if self.window is None else max(p, max(self._budgets())) + self.window
+        self._trunk = _Stream(list(range(len(self.rows))), 1, None,
+                              (self.n_layers, capacity, self.n_kv, self.head_dim), self.dtype, self.device)
+        if self.window is not None:
+            self._trunk.ring = torch.zeros((1, self.n_layers, self.window, self.n_q, self.head_dim),
+                                           dtype=self.dtype, device=self.device)
+        self._streams = [self._trunk]
+        self._where = [(self._trunk, 0)] * len(self.rows)
+        return self._forward(ids, last_only=True)[0][0, -1]
 
     @torch.no_grad()
     def step(self, token_id: int) -> torch.Tensor:
-        """Decode one token at the true position; returns its logits ``[V]`` fp32, then evicts if due."""
+        """Decode one token at the true position; returns row 0's logits ``[V]`` fp32, then evicts if due."""
+        return self.extend([int(token_id)])[0, 0]
+
+    @torch.no_grad()
+    def extend(self, token_ids) -> torch.Tensor:
+        """Decode several known tokens (teacher forcing); returns every row's logits ``[rows, T, V]``
+        fp32, where ``[r, i]`` is row r's logits after token i. Evicts after each token as ``step``
+        does: the tokens run in as few forwards as the triggers between them allow."""
         if not self.position:
-            raise RuntimeError("call prefill() before step()")
-        ids = torch.tensor([int(token_id)], dtype=torch.long, device=self.device)
-        logits = self._forward(ids)
-        if self.policy is not None and should_evict(self.physical_length, self.budget, self.window):
-            self._evict()
-        return logits
+            raise RuntimeError("call prefill() before step() or extend()")
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
+        out = []
+        start = 0
+        while start < ids.numel():
+            end = start + self._tokens_to_next_trigger(ids.numel() - start)
+            logits, index = self._forward(ids[start:end])
+            out.append(logits.index_select(0, index))
+            self._evict_due()
+            start = end
+        if not out:
+            return torch.empty((len(self.rows), 0, self.model.config.vocab_size))
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
-    def slot_positions(self, layer: int) -> torch.Tensor:
+    @property
+    def physical_length(self) -> int:
+        return self.row_length(0)
+
+    @property
+    def evictions(self) -> int:
+        return self.row_evictions(0)
+
+    @property
+    def keep_log(self) -> list[torch.Tensor]:
+        return self.row_keep_log(0)
+
+    def row_length(self, row: int) -> int:
+        return self._where[row][0].length if self._where else 0
+
+    def row_evictions(self, row: int) -> int:
+        return self._where[row][0].evictions if self._where else 0
+
+    def row_keep_log(self, row: int) -> list[torch.Tensor]:
+        return self._keep_logs[row]
+
+    def slot_positions(self, layer: int, row: int = 0) -> torch.Tensor:
         """True positions of the cached slots of ``layer``: int64 ``[H_kv, n]`` (cache order)."""
-        return self._pos[layer][:, : self.physical_length].clone()
+        stream, copy = self._where[row]
+        return stream.pos[layer][copy, :, : stream.length].clone()
 
-    def cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def cache(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the cached keys and values of ``layer``: ``[H_kv, n, D]`` each."""
-        n = self.physical_length
-        return self._k[layer][:, :n].clone(), self._v[layer][:, :n].clone()
+        stream, copy = self._where[row]
+        n = stream.length
+        return stream.k[layer][copy, :, :n].clone(), stream.v[layer][copy, :, :n].clone()
+
+    def select_layer(self, layer: int, row: int = 0) -> torch.Tensor:
+        """The policy's keep set ``[H_kv, B - R]`` for ``layer`` from the current cache and ring
+        (what an eviction now would keep, absent an override)."""
+        stream, copy = self._where[row]
+        return self._select(stream, layer, [row], torch.tensor([copy], device=self.device))[0]
 
     # --- internals ----------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _budgets(self) -> set[int]:
+        return {r.policy.budget for r in self.rows if r.policy is not None}
+
+    def _triggers(self, stream: _Stream, length: int) -> bool:
+        """Whether a stream of ``length`` slots after a decode step evicts (or, the trunk, branches)."""
+        if stream.budget is not None:
+            return should_evict(length, stream.budget, self.window)
+        return any(should_evict(length, self.rows[r].policy.budget, self.window)
+                   for r in stream.rows if self.rows[r].policy is not None)
+
+    def _tokens_to_next_trigger(self, available: int) -> int:
+        for t in range(1, available):
+            if any(self._triggers(s, s.length + t) for s in self._streams):
+                return t
+        return available
+
+    def _forward(self, ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``ids`` through every stream; returns fp32 logits ``[copies of all streams, T', V]``
+        (T' = 1 with ``last_only``) and, per row, its index into their first dimension."""
         t = ids.numel()
         if self._max_positions is not None and self.position + t > self._max_positions:
             raise NotImplementedError(
                 f"sliding-window attention (window {self._max_positions}) is not modelled; this request "
                 f"reaches {self.position + t} tokens"
             )
+        streams = self._streams
+        for s in streams:
+            if s.length + t > s.capacity:
+                if s.budget is not None:  # the static footprint max(P, B) + R is never exceeded
+                    raise RuntimeError(f"cache overflow: {s.length + t} slots > static capacity {s.capacity}")
+                s.grow(s.length + t)
+        copies = [s.copies for s in streams]
         positions = torch.arange(self.position, self.position + t, device=self.device)
-        self._reserve(t)
-        h = self.inner.embed_tokens(ids[None])  # [1, T, hidden]
-        cos, sin = self.inner.rotary_emb(h, positions[None])
-        shape = (1, t, -1, self.head_dim)
+        h = self.inner.embed_tokens(ids[None]).expand(sum(copies), t, -1)  # [C, T, hidden]
+        cos, sin = self.inner.rotary_emb(h[:1], positions[None])
+        shape = (sum(copies), t, -1, self.head_dim)
         for l, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -181,107 +334,142 @@ class EvictingDecoder:
                 q = attn.q_norm(q)
             if getattr(attn, "k_norm", None) is not None:
                 k = attn.k_norm(k)
-            q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            q, k, v = q[0], k[0], v[0].transpose(0, 1)  # [H, T, D]
-            n0 = self.physical_length
-            self._k[l][:, n0 : n0 + t] = k
-            self._v[l][:, n0 : n0 + t] = v
-            self._pos[l][:, n0 : n0 + t] = positions
-            if self._ring is not None:
-                last = min(t, self.window)
-                self._ring[l, positions[-last:] % self.window] = q[:, -last:].transpose(0, 1)
-            o = self._attend(q, self._k[l][:, : n0 + t], self._v[l][:, : n0 + t], attn.scaling)
-            h = h + attn.o_proj(o.transpose(0, 1).reshape(1, t, -1))
+            q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [C, H, T, D]
+            v = v.transpose(1, 2)
+            outs = []
+            for s, qs, ks, vs in zip(streams, q.split(copies), k.split(copies), v.split(copies)):
+                n0 = s.length
+                s.k[l][:, :, n0 : n0 + t] = ks
+                s.v[l][:, :, n0 : n0 + t] = vs
+                s.pos[l][:, :, n0 : n0 + t] = positions
+                if s.ring is not None:
+                    last = min(t, self.window)
+                    s.ring[:, l, positions[-last:] % self.window] = qs[:, :, -last:].transpose(1, 2)
+                outs.append(self._attend(qs, s.k[l][:, :, : n0 + t], s.v[l][:, :, : n0 + t], attn.scaling))
+            o = torch.cat(outs) if len(outs) > 1 else outs[0]  # [C, H_q, T, D]
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(sum(copies), t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self.physical_length += t
+        for s in streams:
+            s.length += t
         self.position += t
-        h = self.inner.norm(h[:, -1:])
-        return self.model.lm_head(h)[0, -1].float()
+        if last_only:
+            h = h[:, -1:]
+        logits = self.model.lm_head(self.inner.norm(h)).float()
+        first = {id(s): sum(copies[:i]) for i, s in enumerate(streams)}
+        index = torch.tensor([first[id(s)] + c for s, c in self._where], device=logits.device)
+        return logits, index
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention of the last T cached tokens' queries ``[H_q, T, D]`` over ``[H_kv, n, D]``:
-        query i sees slots 0..n-T+i. Scores and softmax in fp32; returns ``[H_q, T, D]``."""
-        h_q, t, d = q.shape
-        n = keys.shape[1]
+        """Attention of the last T cached tokens' queries ``[C, H_q, T, D]`` over ``[C, H_kv, n, D]``:
+        query i sees slots 0..n-T+i. Scores and softmax in fp32; returns ``[C, H_q, T, D]``."""
+        c, h_q, t, d = q.shape
+        n = keys.shape[2]
         group = h_q // self.n_kv
-        qf = q.float().view(self.n_kv, group, t, d)
-        kt = keys.float().transpose(1, 2)[:, None]  # [H_kv, 1, D, n]
-        vf = values.float()[:, None]  # [H_kv, 1, n, D]
-        chunk = max(1, _SCORE_BYTES // (4 * h_q * n))
+        qf = q.float().view(c, self.n_kv, group, t, d)
+        kt = keys.float().transpose(2, 3)[:, :, None]  # [C, H_kv, 1, D, n]
+        vf = values.float()[:, :, None]  # [C, H_kv, 1, n, D]
+        chunk = max(1, _SCORE_BYTES // (4 * c * h_q * n))
         out = []
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
-            scores = torch.matmul(qf[:, :, s:e], kt) * scaling  # [H_kv, G, c, n]
+            scores = torch.matmul(qf[:, :, :, s:e], kt) * scaling  # [C, H_kv, G, c, n]
             if t > 1:
                 limit = torch.arange(n - t + s, n - t + e, device=q.device)[:, None]
                 mask = torch.arange(n, device=q.device)[None, :] > limit
                 scores = scores.masked_fill(mask, float("-inf"))
             out.append(torch.matmul(torch.softmax(scores, dim=-1), vf))
-        return torch.cat(out, dim=2).view(h_q, t, d).to(q.dtype)
+        return torch.cat(out, dim=3).view(c, h_q, t, d).to(q.dtype)
 
-    def _reserve(self, t: int) -> None:
-        """Grow the cache buffers (full-cache mode) so that ``t`` more slots fit."""
-        need = self.physical_length + t
-        capacity = self._k[0].shape[1]
-        if need <= capacity:
-            return
-        if self.policy is not None:  # the static footprint max(P, B) + R is never exceeded
-            raise RuntimeError(f"cache overflow: {need} slots > static capacity {capacity}")
-        new = max(need, 2 * capacity)
-        n = self.physical_length
-        for bufs in (self._k, self._v, self._pos):
-            for l, old in enumerate(bufs):
-                grown = old.new_empty((old.shape[0], new, *old.shape[2:]))
-                grown[:, :n] = old[:, :n]
-                bufs[l] = grown
+    def _evict_due(self) -> None:
+        """After a decode step: branch the trunk rows whose budget triggers, evict every due stream."""
+        trunk = self._trunk
+        if trunk is not None:
+            due = defaultdict(list)
+            for r in trunk.rows:
+                policy = self.rows[r].policy
+                if policy is not None and should_evict(trunk.length, policy.budget, self.window):
+                    due[policy.budget].append(r)
+            for budget, rows in due.items():
+                stream = trunk.branch(rows, budget, max(self.prompt_length, budget) + self.window)
+                self._streams.append(stream)
+                for c, r in enumerate(rows):
+                    self._where[r] = (stream, c)
+                trunk.rows = [r for r in trunk.rows if r not in rows]
+            if not trunk.rows:  # every row has its own stream: the shared cache is no longer read
+                self._streams.remove(trunk)
+                self._trunk = None
+        for stream in self._streams:
+            if stream.budget is not None and should_evict(stream.length, stream.budget, self.window):
+                self._evict(stream)
 
-    def _evict(self) -> None:
-        n, budget, window = self.physical_length, self.budget, self.window
+    def _evict(self, stream: _Stream) -> None:
+        n, budget, window = stream.length, stream.budget, self.window
         m = n - window  # candidates 0..m-1; the newest R slots are always kept
         k_keep = budget - window
         keeps = []
         for l in range(self.n_layers):
-            keys, values, pos = self._k[l], self._v[l], self._pos[l]
-            keep = self.keep_override(self.evictions, l) if self.keep_override is not None else None
-            if keep is None:
-                keep = self.select_layer(l)
-            keep = self._check_keep(keep, m, k_keep, l)
-            idx = keep[:, :, None].expand(-1, -1, self.head_dim)
-            kept_k = torch.gather(keys[:, :m], 1, idx)
-            kept_v = torch.gather(values[:, :m], 1, idx)
-            kept_p = torch.gather(pos[:, :m], 1, keep)
-            recent = [b[:, m:n].clone() for b in (keys, values, pos)]
-            keys[:, :k_keep], values[:, :k_keep], pos[:, :k_keep] = kept_k, kept_v, kept_p
-            keys[:, k_keep:budget], values[:, k_keep:budget], pos[:, k_keep:budget] = recent
+            forced = {}  # copy -> the keep set its row's override imposes
+            for c, r in enumerate(stream.rows):
+                override = self.rows[r].keep_override
+                keep = override(stream.evictions, l) if override is not None else None
+                if keep is not None:
+                    forced[c] = self._check_keep(keep, m, k_keep, l, stream.evictions)
+            keep = torch.empty((stream.copies, self.n_kv, k_keep), dtype=torch.long, device=self.device)
+            chosen = [c for c in range(stream.copies) if c not in forced]
+            if chosen:
+                at = torch.tensor(chosen, device=self.device)
+                keep[at] = self._select(stream, l, [stream.rows[c] for c in chosen], at)
+            for c, f in forced.items():
+                keep[c] = f
+            idx = keep[..., None].expand(-1, -1, -1, self.head_dim)
+            keys, values, pos = stream.k[l], stream.v[l], stream.pos[l]
+            kept_k = torch.gather(keys[:, :, :m], 2, idx)
+            kept_v = torch.gather(values[:, :, :m], 2, idx)
+            kept_p = torch.gather(pos[:, :, :m], 2, keep)
+            recent = [b[:, :, m:n].clone() for b in (keys, values, pos)]
+            keys[:, :, :k_keep], values[:, :, :k_keep], pos[:, :, :k_keep] = kept_k, kept_v, kept_p
+            keys[:, :, k_keep:budget], values[:, :, k_keep:budget], pos[:, :, k_keep:budget] = recent
             keeps.append(keep)
-        self.keep_log.append(torch.stack(keeps).cpu())
-        self.evictions += 1
-        self.physical_length = budget
+        if self.record_keeps:
+            log = torch.stack(keeps, dim=1).cpu()  # [C, L, H_kv, K]
+            for c, r in enumerate(stream.rows):
+                self._keep_logs[r].append(log[c])
+        stream.evictions += 1
+        stream.length = budget
 
-    def select_layer(self, layer: int) -> torch.Tensor:
-        """The policy's keep set ``[H_kv, B - R]`` for ``layer`` from the current cache and ring
-        (what an eviction now would keep, absent an override)."""
-        m = self.physical_length - self.window
-        return select_keep(
-            self.policy,
-            self._k[layer][None, :, :m],
-            self._v[layer][None, :, :m],
-            self._ring[layer].permute(1, 0, 2)[None],  # [1, H_q, R, D]
-            seeds=torch.tensor([self.seed], dtype=torch.long, device=self.device),
-            evictions=torch.tensor([self.evictions], dtype=torch.long, device=self.device),
-            layer=layer,
-        )[0]
+    def _select(self, stream: _Stream, layer: int, rows: list[int], copies: torch.Tensor) -> torch.Tensor:
+        """Keep sets ``[len(rows), H_kv, B - R]`` of ``layer`` for ``rows`` (held at ``copies`` of
+        ``stream``), one batched ``select_keep`` per policy."""
+        m = stream.length - self.window
+        keep = torch.empty((len(rows), self.n_kv, self.rows[rows[0]].policy.n_keep), dtype=torch.long,
+                           device=self.device)
+        by_policy = defaultdict(list)
+        for i, r in enumerate(rows):
+            by_policy[id(self.rows[r].policy)].append(i)
+        for members in by_policy.values():
+            at = torch.tensor(members, device=self.device)
+            src = copies[at]
+            keep[at] = select_keep(
+                self.rows[rows[members[0]]].policy,
+                stream.k[layer][src, :, :m],
+                stream.v[layer][src, :, :m],
+                stream.ring[src, layer].permute(0, 2, 1, 3),  # [g, H_q, R, D]
+                seeds=torch.tensor([self.rows[rows[i]].seed for i in members], dtype=torch.long, device=self.device),
+                evictions=torch.full((len(members),), stream.evictions, dtype=torch.long, device=self.device),
+                layer=layer,
+            )
+        return keep
 
-    def _check_keep(self, keep: torch.Tensor, m: int, k_keep: int, layer: int) -> torch.Tensor:
+    def _check_keep(self, keep, m: int, k_keep: int, layer: int, eviction: int) -> torch.Tensor:
         keep = torch.as_tensor(keep, device=self.device)
         if keep.shape != (self.n_kv, k_keep) or keep.dtype not in (torch.int32, torch.int64):
             raise ValueError(
-                f"keep set of eviction {self.evictions}, layer {layer}: expected an integer tensor of "
+                f"keep set of eviction {eviction}, layer {layer}: expected an integer tensor of "
                 f"shape {(self.n_kv, k_keep)}, got {keep.dtype} {tuple(keep.shape)}"
             )
         keep = keep.long()
         if k_keep and (int(keep.min()) < 0 or int(keep.max()) >= m):
-            raise ValueError(f"keep set of eviction {self.evictions}, layer {layer} is outside [0, {m})")
+            raise ValueError(f"keep set of eviction {eviction}, layer {layer} is outside [0, {m})")
         return keep
 
 
@@ -302,11 +490,11 @@ def teacher_forced(
     dec = EvictingDecoder(model, policy, seed=seed, keep_override=keep_override)
     rows = []
     if continuation:
-        rows.append(dec.prefill(prompt_ids))
-        for token in continuation[:-1]:
-            rows.append(dec.step(token))
+        rows.append(dec.prefill(prompt_ids)[None])
+        if len(continuation) > 1:
+            rows.append(dec.extend(continuation[:-1])[0])
     vocab = model.config.vocab_size
-    out = torch.stack(rows).cpu() if rows else torch.empty((0, vocab))
+    out = torch.cat(rows).cpu() if rows else torch.empty((0, vocab))
     return torch.log_softmax(out, dim=-1) if logprobs else out
 
 
@@ -320,23 +508,32 @@ def generate(
     greedy: bool = True,
     temperature: float = 1.0,
     eos_token_id: int | None = None,
-) -> list[int]:
-    """Generate up to ``max_new_tokens`` tokens (stops after ``eos_token_id``). Greedy, or sampled
-    from ``softmax(logits / temperature)`` with a CPU generator seeded by ``seed`` (this sampler is
-    not SGLang's; only greedy decoding is meant to match the engine token for token)."""
+    suppress_token_ids: Sequence[int] = (),
+    return_logits: bool = False,
+):
+    """Generate up to ``max_new_tokens`` tokens (stops after ``eos_token_id``; never emits a token of
+    ``suppress_token_ids``). Greedy, or sampled from ``softmax(logits / temperature)`` with a CPU
+    generator seeded by ``seed`` (this sampler is not SGLang's; only greedy decoding is meant to
+    match the engine token for token). Returns the tokens, and with ``return_logits`` also the
+    model's logits before each of them (fp32 ``[T, V]`` on CPU, suppressed tokens included)."""
     dec = EvictingDecoder(model, policy, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
     tokens: list[int] = []
-    if max_new_tokens <= 0:
-        return tokens
-    logits = dec.prefill(prompt_ids)
-    while True:
+    rows: list[torch.Tensor] = []
+    suppressed = torch.tensor(list(suppress_token_ids), dtype=torch.long)
+    logits = dec.prefill(prompt_ids) if max_new_tokens > 0 else None
+    while logits is not None:
+        logits = logits.cpu()
+        if return_logits:
+            rows.append(logits)
+        if suppressed.numel():
+            logits = logits.index_fill(0, suppressed, float("-inf"))
         if greedy:
             token = int(torch.argmax(logits))
         else:
-            probs = torch.softmax(logits.cpu() / temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=gen))
+            token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
         tokens.append(token)
-        if len(tokens) >= max_new_tokens or token == eos_token_id:
-            return tokens
-        logits = dec.step(token)
+        logits = None if len(tokens) >= max_new_tokens or token == eos_token_id else dec.step(token)
+    if not return_logits:
+        return tokens
+    return tokens, torch.stack(rows) if rows else torch.empty((0, model.config.vocab_size))
