@@ -4,10 +4,11 @@ with SGLang's strict memory checks on and forced retractions.
     python benchmarks/soak.py                          # 1,000 requests -> benchmarks/results/soak.json
     python benchmarks/soak.py --requests 150 --out /tmp/soak.json
 
-The mix (drawn from ``--seed``): random valid policy / budget / window / n_large / seed; about 10%
-invalid requests (every 400 case the server promises, in turn); n > 1; logprobs; stop strings;
-regex constraints; prompts longer than the budget; eviction-disabled requests; client aborts
-(a client timeout mid-generation). SGLANG_TEST_RETRACT retracts the running batch every
+The mix (drawn from ``--seed``): random valid policy / budget / window / n_large / seed / keep_prompt;
+about 10% invalid requests (every 400 case the server promises, in turn); n > 1; logprobs; stop
+strings; regex constraints; prompts longer than the budget; prompts behind a shared prefix (radix
+cache hits); eviction-disabled requests; client aborts (a client timeout mid-generation). The server
+runs with SGLang's defaults (radix cache, overlap scheduler). SGLANG_TEST_RETRACT retracts the running batch every
 ``--retract-interval`` steps.
 
 The report says: server deaths, a 4xx naming the field for every invalid request, every valid
@@ -44,6 +45,8 @@ PROMPTS = (
     "Explain, step by step, why the sum of two odd numbers is even.",
     "Translate to French: The weather is nice today and we are going to the beach.",
 )
+SHARED_PREFIX = ("System: you are a careful assistant. Answer in full sentences, show your reasoning and "
+                 "check every number you use before you give the final answer.\n") * 4
 LONG_TEXT = ("The history of mathematics spans many cultures, from Babylonian tablets to Greek proofs, "
              "Indian numerals, Islamic algebra and the calculus of Newton and Leibniz. ")
 REGEX = r"(yes|no)"
@@ -79,6 +82,7 @@ class Case:
     timeout: float = 900
     budget: int = SERVER_BUDGET
     window: int = SERVER_WINDOW
+    keep_prompt: bool = False
     features: list[str] = field(default_factory=list)
 
 
@@ -91,6 +95,8 @@ def _vase_params(rng: random.Random) -> dict:
         vase["n_large"] = rng.randint(0, window if policy == "evict-large-v" else budget - window)
     if rng.random() < 0.5:
         vase["seed"] = rng.randrange(2**31)
+    if rng.random() < 0.2:
+        vase["keep_prompt"] = True
     return vase
 
 
@@ -113,13 +119,19 @@ def make_case(index: int, rng: random.Random, invalid_share: float, abort_share:
         vase = _vase_params(rng)
         body["sampling_params"]["custom_params"] = {"vase": vase}
         budget, window = vase["budget"], vase["window"]
-    if rng.random() < 0.12:
+        if vase.get("keep_prompt"):
+            features.append("keep_prompt")
+    u = rng.random()
+    if u < 0.12:
         body["text"] = LONG_TEXT * rng.randint(6, 12) + text  # ~170-340 tokens: longer than most budgets
         features.append("long_prompt")
+    elif u < 0.3:
+        body["text"] = SHARED_PREFIX + text  # read from the radix tree by every request after the first
+        features.append("shared_prefix")
     if r < invalid_share + abort_share:
         body["sampling_params"].update(max_new_tokens=400, ignore_eos=True)
         return Case(index, "abort", body, timeout=rng.uniform(0.5, 4.0), budget=budget, window=window,
-                    features=features + ["abort"])
+                    keep_prompt="keep_prompt" in features, features=features + ["abort"])
     u = rng.random()
     if u < 0.15:
         body["sampling_params"]["n"] = rng.randint(2, 4)
@@ -137,7 +149,8 @@ def make_case(index: int, rng: random.Random, invalid_share: float, abort_share:
     if rng.random() < 0.15:
         body.update(return_logprob=True, top_logprobs_num=2)
         features.append("logprobs")
-    return Case(index, "valid", body, budget=budget, window=window, features=features)
+    return Case(index, "valid", body, budget=budget, window=window, keep_prompt="keep_prompt" in features,
+                features=features)
 
 
 def check_valid(case: Case, outputs: list[dict]) -> list[str]:
@@ -169,13 +182,14 @@ def check_valid(case: Case, outputs: list[dict]) -> list[str]:
             problems.append("no vase stats")
             continue
         retracted = bool(meta.get("num_retractions"))
-        expected = evictions_in(prompt, done, case.budget, case.window)
+        pinned = prompt if case.keep_prompt else 0
+        expected = evictions_in(prompt, done, case.budget, case.window, pinned)
         if not retracted and stats["evictions"] != expected:
             problems.append(f"{stats['evictions']} evictions, expected {expected} (prompt {prompt}, output {done})")
         # A retracted request is re-prefilled whole (prompt + what it had generated): its bound
         # restarts from that length.
         longest_prefill = prompt + (done if retracted else 0)
-        bound = max(longest_prefill, case.budget) + case.window
+        bound = pinned + max(longest_prefill - pinned, case.budget) + case.window
         if stats["peak_kv_len"] > bound:
             problems.append(f"peak KV {stats['peak_kv_len']} > bound {bound}")
     return problems

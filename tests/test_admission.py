@@ -61,7 +61,7 @@ def test_more_than_3n_concurrent_without_retraction():
         vase.stop()
 
     # Plain SGLang, same pool and workload: observe how many it runs at once, then stop early.
-    plain = Server(FLAGS + ["--disable-overlap-schedule"], vase=False, strict_memory=True)
+    plain = Server(FLAGS, vase=False, strict_memory=True)
     try:
         results, errors = [], []
         threads = _send(plain, n_requests, results, errors)

@@ -19,8 +19,10 @@ def test_cpu_route_and_eviction_flags_are_added():
     assert json.loads(env[ENV_VAR])["budget"] == 512
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     for flag in ("--device", "--attention-backend", "--disable-cuda-graph", "--max-total-tokens", "--sleep-on-idle",
-                 "--disable-radix-cache", "--disable-overlap-schedule", "--page-size"):
+                 "--page-size"):
         assert flag in argv
+    # SGLang's defaults stay on: the radix cache and the overlap scheduler.
+    assert "--disable-radix-cache" not in argv and "--disable-overlap-schedule" not in argv
     assert not any(a.startswith("--vase") for a in argv)
     assert any("CPU route" in n for n in notes)
 
@@ -46,12 +48,15 @@ def test_embedded_model_defaults_evict_in_a_demo_and_every_flag_is_logged_once()
 
     params, _, _, notes = prepare(["--model-path", str(default_model_dir())], cuda_available=False)
     assert (params.budget, params.window) == (128, 32)  # the README's 256-token example evicts
-    params, _, _, _ = prepare(["--model-path", str(default_model_dir()), "--vase-budget", "256"], cuda_available=False)
+    params, _, _, _ = prepare(["--model-path", str(default_model_dir()), "--vase-budget", "256", "--vase-keep-prompt"],
+                              cuda_available=False)
+    assert params.keep_prompt
     assert (params.budget, params.window) == (256, 32)
     assert prepare(MODEL, cuda_available=False)[0].budget == 4096  # a user's model: the paper's default
     text = "\n".join(notes)
     for flag in ("--device cpu", "--attention-backend torch_native", "--max-total-tokens 65536", "--page-size 1",
-                 "--vase-budget 128", "--vase-window 32", "--vase-ring-rows auto", "--vase-workspace-mb 256"):
+                 "--vase-budget 128", "--vase-window 32", "--vase-keep-prompt False", "--vase-ring-rows auto",
+                 "--vase-workspace-mb 256"):
         assert text.count(flag) == 1, (flag, text)
 
 
@@ -110,8 +115,10 @@ def test_request_params_merge_and_errors():
     assert (merged.budget, merged.window, merged.seed, merged.n_large) == (128, 32, 3, None)
     assert merged.build_policy().n_pinned == 32  # budget // 4, re-derived for the new budget
     assert merged.slot_bound(prompt_len=10) == 160 and merged.slot_bound(prompt_len=500) == 532
+    kept = request_params({"vase": {"keep_prompt": True}}, defaults)
+    assert kept.keep_prompt and kept.pinned(500) == 500 and kept.slot_bound(prompt_len=500) == 500 + 256 + 32
     for bad, field in [({"budget": 100}, "multiple"), ({"window": 64}, "window"), ({"policy": 3}, "policy"),
                        ({"seed": -1}, "seed"), ({"n_large": 2, "policy": "streamingllm"}, "n_large"),
-                       ({"budget": True}, "budget"), ({"x": 1}, "unknown")]:
+                       ({"budget": True}, "budget"), ({"x": 1}, "unknown"), ({"keep_prompt": 1}, "keep_prompt")]:
         with pytest.raises(ValueError, match=field):
             request_params({"vase": bad}, defaults)

@@ -83,15 +83,15 @@ def test_sliding_window_layers_are_refused_by_the_scheduler(tmp_path):
 
 @pytest.mark.slow
 def test_engine_started_without_the_launcher_is_refused():
-    """``sglang.Engine`` with SGLANG_VASE_CONFIG set but SGLang's defaults (radix cache, overlap
-    scheduler): the scheduler refuses with the flags to pass."""
+    """``sglang.Engine`` with SGLANG_VASE_CONFIG set, bypassing the launcher's checks, and a flag
+    eviction cannot honour (mixed prefill/decode chunks): every scheduler refuses it with the reason."""
     from sglang_vase.launch_server import CPU_ENV
     from sglang_vase.models import prepare_default_model
 
     script = (
         "import sglang\n"
         f"sglang.Engine(model_path={prepare_default_model()!r}, device='cpu', attention_backend='torch_native', "
-        "disable_cuda_graph=True, max_total_tokens=4096, max_running_requests=4)\n"
+        "disable_cuda_graph=True, max_total_tokens=4096, max_running_requests=4, enable_mixed_chunk=True)\n"
     )
     env = {**os.environ, **CPU_ENV, ENV_VAR: VaseParams(budget=128, window=32).to_json()}
     env.pop("TRITON_INTERPRET", None)
@@ -99,4 +99,4 @@ def test_engine_started_without_the_launcher_is_refused():
                           cwd="/tmp")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "sglang-vase KV eviction cannot run with" in out and "--disable-radix-cache" in out, out[-3000:]
+    assert "sglang-vase KV eviction cannot run with" in out and "--enable-mixed-chunk" in out, out[-3000:]

@@ -40,7 +40,7 @@ def vase_server(trace_dir):
 
 @pytest.fixture(scope="module")
 def plain_server():
-    server = Server(COMMON + ["--disable-overlap-schedule"], vase=False, strict_memory=True)
+    server = Server(COMMON, vase=False, strict_memory=True)
     yield server
     server.stop()
 
@@ -231,25 +231,46 @@ def test_openai_client_and_frontend_program(vase_server):
     assert len(state["answer"]) > 20
 
 
-def test_retraction_resets_and_stays_consistent():
-    """Forced retractions (SGLANG_TEST_RETRACT): retracted requests are re-prefilled whole and
-    start evicting again; memory stays consistent and outputs complete."""
-    server = Server(COMMON + ["--vase-budget", "64", "--vase-window", "16"],
+def test_retraction_tree_pressure_and_aborts_stay_consistent():
+    """Forced retractions (SGLANG_TEST_RETRACT, every 25 steps) and two client aborts, on a pool too
+    small for every prompt, so the radix tree hands back the slots of finished ones (distinct
+    ~250-token prompts, two pairs sharing one), under SGLang's strict memory checks: retracted
+    requests are re-prefilled whole and start evicting again, outputs complete, and every slot and
+    tree lock comes back."""
+    budget, window = 64, 16
+    server = Server(["--dtype", "float32", "--max-total-tokens", "1400", "--max-running-requests", "8",
+                     "--enable-metrics", "--vase-budget", str(budget), "--vase-window", str(window)],
                     env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25"}, strict_memory=True)
     try:
-        outs = []
-        threads = [threading.Thread(target=lambda i=i: outs.append(server.generate(
-            f"{PROMPT} {i}", max_new_tokens=200, ignore_eos=True))) for i in range(4)]
+        results = {}
+
+        def run(key, text):
+            body = {"text": text, "rid": f"{key}-{server.port}",
+                    "sampling_params": {"max_new_tokens": 200, "ignore_eos": True, "temperature": 0.7}}
+            results[key] = requests.post(f"{server.url}/generate", json=body, timeout=900)
+
+        texts = {f"r{i}": f"Story {i // 2 if i < 4 else i}: " + f"the keeper of tower {i // 2 if i < 4 else i} " * 40
+                 for i in range(8)}
+        threads = [threading.Thread(target=run, args=item) for item in texts.items()]
         for t in threads:
             t.start()
+        time.sleep(15)
+        for key in ("r5", "r7"):
+            requests.post(f"{server.url}/abort_request", json={"rid": f"{key}-{server.port}"}, timeout=10)
         for t in threads:
             t.join()
-        assert len(outs) == 4
-        assert sum(o["meta_info"]["num_retractions"] for o in outs) > 0
-        for o in outs:
-            assert o["meta_info"]["completion_tokens"] == 200
-            assert o["meta_info"]["vase"]["peak_kv_len"] <= 64 + 16 + 200  # re-prefill is uncompressed
+        outs = {k: r.json() for k, r in results.items()}
+        assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values()]
+        done = {k: o for k, o in outs.items() if o["meta_info"]["finish_reason"]["type"] != "abort"}
+        assert len(done) >= 6
+        assert sum(o["meta_info"]["num_retractions"] for o in done.values()) > 0
+        for o in done.values():
+            meta = o["meta_info"]
+            assert meta["completion_tokens"] == 200 and meta["vase"]["evictions"] > 0
+            assert meta["vase"]["peak_kv_len"] <= meta["prompt_tokens"] + 200  # a re-prefill is uncompressed
         assert server.alive()
+        time.sleep(3)
+        assert server.used_tokens() == 0
     finally:
         server.stop()
 
