@@ -1,50 +1,66 @@
-"""Serving throughput at equal KV memory: plain SGLang vs sglang-vase, on the paper's workload shape.
+"""Serving throughput at equal KV memory: SGLang with its own defaults vs sglang-vase, on the paper's
+workload shape.
 
-Both servers get the same model, ``--max-total-tokens`` (KV pool), ``--max-running-requests`` and
-scheduler flags, and run one after the other. The workload is the paper's: short reasoning prompts
-(MATH-500 / AIME problems in the model's chat template) and long outputs with ``ignore_eos``, so every
-request produces exactly ``--output-len`` tokens. At each level N of ``--concurrency-levels``, N
-streaming requests are sent at once and the level ends when all have finished. Reported per
-(system, level):
+Every system gets the same model, ``--max-total-tokens`` (KV pool) and ``--max-running-requests``,
+and they run one after the other. Systems (``--systems``):
+
+- ``sglang``: plain SGLang with its own defaults (radix cache and overlap scheduler on): the baseline;
+- ``sglang-restricted``: plain SGLang with ``--disable-radix-cache --disable-overlap-schedule``, the
+  flags eviction needed before, so that their cost is visible;
+- ``sglang-vase``: sglang-vase with SGLang's defaults (``sglang-vase-restricted`` is available too).
+
+Workloads (``--workloads``):
+
+- ``distinct``: short reasoning prompts (MATH-500 / AIME problems in the model's chat template), one
+  request each; at each level N of ``--concurrency-levels``, N requests are sent at once. A level may
+  be ``limit`` (or ``limit+K``): the physical limit pool // (max(longest prompt, B) + R), the most
+  evicting requests that can hold their slot bound at once; sglang-vase should run that many at once
+  without retraction.
+- ``shared``: ``--samples`` samples (SGLang's ``n``) of each of N / samples questions behind one shared
+  ``--system-prompt-tokens``-token system prompt (the paper's protocol draws 8-16 samples a question;
+  agents resend long system prompts): the radix cache's workload.
+
+Long outputs with ``ignore_eos``: every request produces exactly ``--output-len`` tokens. The radix
+cache is flushed before each level. Reported per (workload, system, level):
 
 - output tokens/s: output tokens of the level / wall time from first send to last finish;
 - running requests, max and mean over decode steps (SGLang's ``Decode batch`` log lines, logged at
   every step with ``--decode-log-interval 1``);
 - retractions: the sum of ``meta_info.num_retractions`` and SGLang's "KV cache pool is full.
   Retract requests" log lines (events and requests retracted);
-- peak KV use: max ``#token`` and ``token usage`` from the decode log lines;
+- peak KV use: max ``#token`` and ``token usage`` of the decode log lines (slots held, radix-tree
+  slots no request locks excluded);
+- prefix hit rate: cached prompt tokens / prompt tokens (``meta_info.cached_tokens``);
 - TTFT and TPOT p50/p90 (ms), measured by this client from the streamed chunks;
 - for sglang-vase, the evictions from ``meta_info.vase``;
 
-and, per level, the ratio of sglang-vase to plain SGLang output tokens/s from the same run.
+and, per level, the ratios of sglang-vase's output tokens/s to each plain system's, from the same run.
+A progress bar per level shows requests done, output tokens/s and running requests.
 
 Eviction overhead: on the sglang-vase server, at a fixed concurrency that fits the pool without
 eviction, the same requests run once with the server's budget (evicting) and once with a per-request
 budget above prompt + output (``custom_params {"vase": {"budget": ...}}``: eviction never triggers,
 everything else identical), alternating ``--overhead-repeats`` times. Compared: decode step time at
-full concurrency (from the log lines; mean and p50) and output tokens/s. The evicting run also
-attends over at most B + R tokens instead of the full length, so the difference is the eviction cost
-net of the smaller attention.
+full concurrency (from the log lines; mean and p50) and output tokens/s.
 
-Plain SGLang admits an ``ignore_eos`` request only when the whole remaining lifetimes of all running
-requests fit the pool (``PrefillAdder.add_one_req_ignore_eos``), so on this workload it queues
-instead of retracting: its retraction count is expected to be 0, and its concurrency is capped at
-the full requests the pool fits. sglang-vase admits by the slot bound max(prompt, B) + R.
-Running requests are averaged over decode steps, not over time.
+Plain SGLang admits an ``ignore_eos`` request only when the remaining outputs of the running
+requests fit the pool, so on this workload it queues instead of retracting: its concurrency is capped
+at the full requests the pool fits. sglang-vase admits by the slot bound.
 
 Defaults (CPU: the embedded SmolLM2-135M-Instruct): 1024-token outputs, B = 256, R = 64, a pool that
-fits 8 full-length requests (8 x (longest prompt + output + 4)), levels 4,8,16.
-``--quick``: 64-token outputs, B = 32, R = 16, a pool for 2 full requests, levels 2,4 (a smoke test).
+fits 8 full-length requests (8 x (longest prompt + output + 4)), distinct levels 8,16,limit,limit+8,
+shared level 32 (4 questions x 8 samples behind a 512-token system prompt).
+``--quick``: 64-token outputs, B = 32, R = 16, a pool for 2 full requests, levels 2,limit+2, shared 4
+(2 questions x 2 samples behind 64 tokens): a smoke test.
 
 The paper's setting (one 80 GB GPU; Qwen3-14B, batch 16, 16K output tokens, B = 4096)::
 
     python benchmarks/throughput.py --model-path Qwen/Qwen3-14B --output-len 16384 \\
         --budget 4096 --window 64 --concurrency-levels 4,8,16,32 --dataset aime25
 
-(the pool then defaults to 8 x (prompt + 16384) tokens; ``--pool-tokens`` sets it, e.g. to what the
-GPU holds). Results go to ``--out`` (JSON) and two PNGs next to it: ``<stem>_concurrency.png``
-(output tokens/s per level, both systems) and ``<stem>_kv_usage.png`` (KV usage and running requests
-over time at the highest level, both systems).
+Results go to ``--out`` (JSON) and PNGs next to it: ``<stem>_concurrency.png`` (output tokens/s per
+level, every system and workload) and ``<stem>_kv_usage.png`` (KV usage and running requests over
+time at the highest distinct level).
 
     python benchmarks/throughput.py [--quick] [--out benchmarks/results/throughput.json]
 """
@@ -71,20 +87,30 @@ from sglang_vase.serving import Server
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "reasoning"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "throughput.json"
-SYSTEMS = ("sglang", "sglang-vase")
-# Flags sglang-vase adds for eviction; plain SGLang gets them too, so that only eviction differs.
-SHARED_FLAGS = ["--disable-radix-cache", "--disable-overlap-schedule", "--page-size", "1",
-                "--decode-log-interval", "1", "--incremental-streaming-output"]
+RESTRICTED = ["--disable-radix-cache", "--disable-overlap-schedule"]
+# name -> (sglang-vase?, extra flags)
+SYSTEMS = {
+    "sglang": (False, []),
+    "sglang-restricted": (False, RESTRICTED),
+    "sglang-vase": (True, []),
+    "sglang-vase-restricted": (True, RESTRICTED),
+}
+BASELINES = ("sglang", "sglang-restricted")
+WORKLOADS = ("distinct", "shared")
+# Every decode step logged; streamed chunks carry only new tokens.
+MEASURE_FLAGS = ["--decode-log-interval", "1", "--incremental-streaming-output"]
 PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+SYSTEM_TEXT = ("You are a meticulous competition mathematician. Restate the problem, list what is known, "
+               "try small cases, prove every step, check the arithmetic twice and box the final answer. ")
 # SGLang admits an ignore_eos request only if its whole lifetime fits with a token to spare per
 # running request (PrefillAdder.add_one_req_ignore_eos); a few slots per request make "fits N full
 # requests" hold exactly.
 ADMISSION_SLACK = 4
 
-FULL = dict(output_len=1024, budget=256, window=64, full_requests=8, levels="4,8,16", max_prompt_len=256,
-            overhead_repeats=2)
-QUICK = dict(output_len=64, budget=32, window=16, full_requests=2, levels="2,4", max_prompt_len=128,
-             overhead_repeats=1)
+FULL = dict(output_len=1024, budget=256, window=64, full_requests=8, levels="8,16,limit,limit+8", shared_levels="32",
+            samples=8, system_prompt_tokens=512, max_prompt_len=256, overhead_repeats=1)
+QUICK = dict(output_len=64, budget=32, window=16, full_requests=2, levels="2,limit+2", shared_levels="4", samples=2,
+             system_prompt_tokens=64, max_prompt_len=100, overhead_repeats=1)
 
 _TS = r"\[(?P<ts>\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?)[^\]]*\]\s+"
 DECODE_RE = re.compile(
@@ -92,6 +118,7 @@ DECODE_RE = re.compile(
     r"token usage: (?P<usage>[0-9.]+),.*?gen throughput \(token/s\): (?P<gen>[0-9.]+), #queue-req: (?P<queue>\d+)")
 RETRACT_RE = re.compile(_TS + r"KV cache pool is full\. Retract requests\. #retracted_reqs: (?P<n>\d+)")
 POOL_RE = re.compile(r"max_total_num_tokens=(\d+)")
+LEVEL_RE = re.compile(r"^limit([+-]\d+)?$")
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -101,26 +128,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/throughput.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="model for both servers (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model-path", default=None, help="model for every server (default: the embedded SmolLM2-135M)")
     p.add_argument("--output-len", type=int, default=None, help=f"output tokens per request, ignore_eos "
                    f"(default {FULL['output_len']}; paper: 16384)")
     p.add_argument("--budget", type=int, default=None, help=f"B, --vase-budget (default {FULL['budget']}; paper: 4096)")
     p.add_argument("--window", type=int, default=None, help=f"R, --vase-window (default {FULL['window']})")
-    p.add_argument("--policy", default="vase", help="--vase-policy of the sglang-vase server (default vase)")
+    p.add_argument("--policy", default="vase", help="--vase-policy of the sglang-vase servers (default vase)")
     p.add_argument("--pool-tokens", type=int, default=None,
-                   help="KV pool, --max-total-tokens of both servers (default: --full-requests x "
+                   help="KV pool, --max-total-tokens of every server (default: --full-requests x "
                         f"(longest prompt + output + {ADMISSION_SLACK}))")
     p.add_argument("--full-requests", type=int, default=None,
                    help=f"full-length requests the default pool fits (default {FULL['full_requests']})")
     p.add_argument("--concurrency-levels", default=None,
-                   help=f"requests sent at once per level (default {FULL['levels']})")
+                   help=f"distinct workload: requests sent at once per level; 'limit' / 'limit+K' name the "
+                        f"physical limit (default {FULL['levels']})")
+    p.add_argument("--shared-levels", default=None,
+                   help=f"shared workload: requests (questions x samples) per level (default {FULL['shared_levels']})")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"shared workload: samples per question, SGLang's n (default {FULL['samples']})")
+    p.add_argument("--system-prompt-tokens", type=int, default=None,
+                   help=f"shared workload: length of the shared system prompt (default {FULL['system_prompt_tokens']})")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"which workloads (default {','.join(WORKLOADS)})")
     p.add_argument("--max-running-requests", type=int, default=None,
-                   help="--max-running-requests of both servers (default: the highest level)")
+                   help="--max-running-requests of every server (default: the highest level)")
     p.add_argument("--overhead-concurrency", type=int, default=None,
-                   help="concurrency of the eviction-overhead runs (default: the full requests the pool fits, "
-                        "at most the highest level); 0 skips them")
+                   help="concurrency of the eviction-overhead runs (default: the full requests the pool fits); "
+                        "0 skips them")
     p.add_argument("--overhead-repeats", type=int, default=None,
-                   help="alternating (no eviction, eviction) pairs of overhead runs (default 2; --quick 1)")
+                   help="alternating (no eviction, eviction) pairs of overhead runs (default 1)")
     p.add_argument("--dataset", default="math", help="prompt file <data-dir>/<dataset>.jsonl (math, aime25, ...)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"default {DEFAULT_DATA_DIR}")
     p.add_argument("--max-prompt-len", type=int, default=None,
@@ -130,65 +165,141 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "new-token-ratio estimate and may retract)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="which systems to run (default both)")
-    p.add_argument("--server-args", default="", help="extra flags for both servers, one quoted string")
+    p.add_argument("--systems", default="sglang,sglang-restricted,sglang-vase",
+                   help=f"which systems to run, of {', '.join(SYSTEMS)} (default: all but sglang-vase-restricted)")
+    p.add_argument("--server-args", default="", help="extra flags for every server, one quoted string")
     p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for a server to start")
     p.add_argument("--log-dir", type=Path, default=None, help="keep the server logs here (default: a temp dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: output 64, B=32, R=16, pool for 2 full requests, levels 2,4")
+                   help="smoke test: output 64, B=32, R=16, pool for 2 full requests, small levels")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for name in ("output_len", "budget", "window", "full_requests", "max_prompt_len", "overhead_repeats"):
+    for name in ("output_len", "budget", "window", "full_requests", "max_prompt_len", "overhead_repeats", "samples",
+                 "system_prompt_tokens"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
-    args.levels = [int(x) for x in (args.concurrency_levels or preset["levels"]).split(",") if x.strip()]
-    if not args.levels or min(args.levels) < 1:
-        p.error("--concurrency-levels needs positive integers")
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.level_specs = _split(args.concurrency_levels or preset["levels"])
+    args.shared = [int(x) for x in _split(args.shared_levels or preset["shared_levels"])]
+    for spec in args.level_specs:
+        if not (spec.isdigit() or LEVEL_RE.match(spec)):
+            p.error(f"--concurrency-levels: {spec!r} is neither a count nor limit[+-K]")
+    if any(n < args.samples or n % args.samples for n in args.shared):
+        p.error("--shared-levels must be multiples of --samples")
+    args.systems = _split(args.systems)
+    args.workloads = _split(args.workloads)
     if not set(args.systems) <= set(SYSTEMS):
-        p.error(f"--systems: choose from {SYSTEMS}")
+        p.error(f"--systems: choose from {list(SYSTEMS)}")
+    if not set(args.workloads) <= set(WORKLOADS):
+        p.error(f"--workloads: choose from {WORKLOADS}")
     if args.budget <= args.window or args.budget % args.window:
         p.error("--budget must be a multiple of --window and larger than it")
     return args
 
 
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def resolve_levels(specs: list[str], limit: int) -> list[int]:
+    """Counts for level specs such as ``8``, ``limit``, ``limit+8`` (sorted, distinct, >= 1)."""
+    levels = set()
+    for spec in specs:
+        m = LEVEL_RE.match(spec)
+        levels.add(max(1, limit + int(m.group(1) or 0)) if m else int(spec))
+    return sorted(levels)
+
+
 # -------------------------------------------------------------------------------------- prompts
 
 
-def load_prompts(path: Path, tokenizer, n: int, max_len: int) -> list[list[int]]:
-    """The first ``n`` problems of a JSONL file whose chat-formatted prompt fits ``max_len`` tokens."""
-    out = []
+def _chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(((system + "\n") if system else "") + text)["input_ids"])
+
+
+def _problems(path: Path):
     with open(path) as f:
         for line in f:
             row = json.loads(line)
-            text = (row.get("problem") or row.get("question") or "") + PROMPT_SUFFIX
-            if getattr(tokenizer, "chat_template", None):
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                    add_generation_prompt=True)
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                    ids = ids["input_ids"]
-            else:
-                ids = tokenizer(text)["input_ids"]
-            ids = list(ids)
-            if len(ids) <= max_len:
-                out.append(ids)
-            if len(out) == n:
-                return out
+            yield (row.get("problem") or row.get("question") or "") + PROMPT_SUFFIX
+
+
+def load_prompts(path: Path, tokenizer, n: int, max_len: int, system: str | None = None) -> list[list[int]]:
+    """The first ``n`` problems of a JSONL file whose chat-formatted prompt fits ``max_len`` tokens
+    (counting the tokens after ``system``, when given)."""
+    base = len(_chat_ids(tokenizer, "", system)) if system else 0
+    out = []
+    for text in _problems(path):
+        ids = _chat_ids(tokenizer, text, system)
+        if len(ids) - base <= max_len:
+            out.append(ids)
+        if len(out) == n:
+            return out
     if not out:
         raise ValueError(f"no prompt in {path} fits {max_len} tokens")
     return [out[i % len(out)] for i in range(n)]  # fewer problems than requests: reuse them
 
 
+def system_prompt(tokenizer, tokens: int) -> str:
+    """A system prompt of about ``tokens`` tokens."""
+    per = max(1, len(tokenizer(SYSTEM_TEXT)["input_ids"]))
+    return SYSTEM_TEXT * max(1, round(tokens / per))
+
+
 # --------------------------------------------------------------------------------------- client
 
 
-async def _stream_one(session, url: str, input_ids: list[int], sampling: dict, t0: float) -> dict:
-    """One streaming /generate request: send, first-chunk and last-chunk times, tokens, meta_info."""
+class Progress:
+    """Requests done, output tokens/s and running requests of one level, on a tqdm bar (stderr)."""
+
+    def __init__(self, label: str, total: int, server: Server, enabled: bool):
+        self.server, self.start, self.tokens = server, time.time(), {}
+        self.offset = server.log_offset()
+        self.running = 0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, mininterval=1, leave=True)
+
+    def tokens_of(self, key, count: int) -> None:
+        self.tokens[key] = count
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def refresh(self) -> None:
+        if self.bar is None:
+            return
+        text = self.server.log(self.offset)
+        self.offset += len(text.encode())
+        lines = DECODE_RE.findall(text)
+        if lines:
+            self.running = int(lines[-1][1])
+        elapsed = max(time.time() - self.start, 1e-6)
+        self.bar.set_postfix(tok_s=f"{sum(self.tokens.values()) / elapsed:.1f}", running=self.running)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.refresh()
+            self.bar.close()
+
+
+async def _stream_one(session, url: str, input_ids: list[int], sampling: dict, t0: float, progress: Progress,
+                      key) -> list[dict]:
+    """One streaming /generate request (``sampling["n"]`` samples): per sample, send / first-chunk /
+    last-chunk times, tokens and meta_info."""
     body = {"input_ids": input_ids, "sampling_params": sampling, "stream": True}
     sent = time.time()
-    first = last = None
-    first_tokens, last_data = 0, None
+    samples: dict[int, dict] = {}
     async with session.post(f"{url}/generate", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"/generate returned {resp.status}: {(await resp.text())[:500]}")
@@ -200,38 +311,57 @@ async def _stream_one(session, url: str, input_ids: list[int], sampling: dict, t
             if payload == b"[DONE]":
                 break
             now = time.time()
-            if first is None:
-                first = now
-                first_tokens = json.loads(payload)["meta_info"].get("completion_tokens", 1)
-            last, last_data = now, payload
-    if last_data is None:
+            data = json.loads(payload)
+            meta, index = data["meta_info"], data.get("index", 0)
+            s = samples.setdefault(index, {"first": now, "first_tokens": meta.get("completion_tokens", 1)})
+            s["last"], s["meta"] = now, meta
+            progress.tokens_of((key, index), meta.get("completion_tokens", 0))
+            if meta.get("finish_reason"):
+                progress.done()
+    if not samples:
         raise RuntimeError("empty stream")
-    meta = json.loads(last_data)["meta_info"]
-    if isinstance(meta.get("finish_reason"), dict) and meta["finish_reason"].get("type") == "abort":
-        raise RuntimeError(f"request aborted: {meta['finish_reason']}")
-    tokens = meta.get("completion_tokens", 0)
-    return {
-        "send_s": sent - t0, "first_s": first - t0, "end_s": last - t0,
-        "ttft_ms": (first - sent) * 1e3,
-        "tpot_ms": (last - first) * 1e3 / (tokens - first_tokens) if tokens > first_tokens else None,
-        "prompt_tokens": meta.get("prompt_tokens"), "output_tokens": tokens,
-        "num_retractions": meta.get("num_retractions", 0) or 0, "vase": meta.get("vase"),
-    }
+    recs = []
+    for s in samples.values():
+        meta = s["meta"]
+        if isinstance(meta.get("finish_reason"), dict) and meta["finish_reason"].get("type") == "abort":
+            raise RuntimeError(f"request aborted: {meta['finish_reason']}")
+        tokens = meta.get("completion_tokens", 0)
+        recs.append({
+            "send_s": sent - t0, "first_s": s["first"] - t0, "end_s": s["last"] - t0,
+            "ttft_ms": (s["first"] - sent) * 1e3,
+            "tpot_ms": (s["last"] - s["first"]) * 1e3 / (tokens - s["first_tokens"]) if tokens > s["first_tokens"] else None,
+            "prompt_tokens": meta.get("prompt_tokens"), "cached_tokens": meta.get("cached_tokens", 0) or 0,
+            "output_tokens": tokens, "num_retractions": meta.get("num_retractions", 0) or 0, "vase": meta.get("vase"),
+        })
+    return recs
 
 
-async def _run_batch(url: str, prompts: list[list[int]], sampling: dict) -> tuple[float, list[dict]]:
+async def _run_batch(url: str, prompts: list[list[int]], sampling: dict, progress: Progress) -> tuple[float, list[dict]]:
     import aiohttp
+
+    async def tick():
+        while True:
+            progress.refresh()
+            await asyncio.sleep(2)
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=3600)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        t0 = time.time()
-        recs = await asyncio.gather(*(_stream_one(session, url, p, sampling, t0) for p in prompts))
-    return t0, list(recs)
+    ticker = asyncio.create_task(tick())
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            t0 = time.time()
+            recs = await asyncio.gather(*(_stream_one(session, url, p, sampling, t0, progress, i)
+                                          for i, p in enumerate(prompts)))
+    finally:
+        ticker.cancel()
+    return t0, [r for rs in recs for r in rs]
 
 
-def run_batch(url: str, prompts: list[list[int]], sampling: dict) -> tuple[float, list[dict]]:
-    return asyncio.run(_run_batch(url, prompts, sampling))
+def run_batch(url: str, prompts: list[list[int]], sampling: dict, progress: Progress) -> tuple[float, list[dict]]:
+    try:
+        return asyncio.run(_run_batch(url, prompts, sampling, progress))
+    finally:
+        progress.close()
 
 
 # ------------------------------------------------------------------------------------ log parse
@@ -276,6 +406,7 @@ def summarize(t0: float, recs: list[dict], steps: list[dict], retracts: list[dic
     out_tokens = sum(r["output_tokens"] for r in recs)
     running = [s["running"] for s in steps]
     evictions = [r["vase"]["evictions"] for r in recs if r.get("vase")]
+    prompt_tokens = sum(r["prompt_tokens"] or 0 for r in recs)
     res = {
         "requests": len(recs),
         "output_tokens": out_tokens,
@@ -290,6 +421,7 @@ def summarize(t0: float, recs: list[dict], steps: list[dict], retracts: list[dic
         "peak_kv_tokens": max((s["tokens"] for s in steps), default=0),
         "peak_token_usage": max((s["usage"] for s in steps), default=0.0),
         "mean_token_usage": _r(statistics.fmean(s["usage"] for s in steps) if steps else None),
+        "prefix_hit_rate": _r(sum(r["cached_tokens"] for r in recs) / prompt_tokens if prompt_tokens else None),
         "ttft_ms": {"p50": _r(pct([r["ttft_ms"] for r in recs], 50), 1),
                     "p90": _r(pct([r["ttft_ms"] for r in recs], 90), 1)},
         "tpot_ms": {"p50": _r(pct([r["tpot_ms"] for r in recs], 50), 2),
@@ -343,9 +475,13 @@ def sampling(args, **extra) -> dict:
             "temperature": args.temperature, "top_p": args.top_p, **extra}
 
 
-def run_level(server: Server, prompts, samp: dict) -> dict:
+def run_level(server: Server, label: str, prompts, samp: dict, progress: bool) -> dict:
+    import requests
+
+    requests.post(f"{server.url}/flush_cache", timeout=60)  # every level starts with an empty radix tree
     start = server.log_offset()
-    t0, recs = run_batch(server.url, prompts, samp)
+    bar = Progress(label, len(prompts) * samp.get("n", 1), server, progress)
+    t0, recs = run_batch(server.url, prompts, samp, bar)
     time.sleep(0.5)  # let the last decode line reach the log
     steps, retracts = parse_log(server.log(start))
     return summarize(t0, recs, steps, retracts)
@@ -364,7 +500,8 @@ def run_overhead(server: Server, args, prompts, no_evict_budget: int) -> dict:
     for _ in range(args.overhead_repeats):
         for name, extra in settings:
             start = server.log_offset()
-            t0, recs = run_batch(server.url, prompts, sampling(args, **extra))
+            bar = Progress(f"overhead {name} @ {c}", c, server, not args.no_progress)
+            t0, recs = run_batch(server.url, prompts, sampling(args, **extra), bar)
             time.sleep(0.5)
             steps, retracts = parse_log(server.log(start))
             res = summarize(t0, recs, steps, retracts)
@@ -381,18 +518,37 @@ def run_overhead(server: Server, args, prompts, no_evict_budget: int) -> dict:
                      "step_ms": {"n": len(st), "mean": _r(statistics.fmean(st) if st else None),
                                  "p50": _r(pct(st, 50)), "p90": _r(pct(st, 90))}}
     a, b = out["eviction"], out["no_eviction"]
-
-    def ratio(x, y):
-        return _r(x / y) if x and y else None
-
-    out["step_time_ratio_mean"] = ratio(a["step_ms"]["mean"], b["step_ms"]["mean"])
-    out["step_time_ratio_p50"] = ratio(a["step_ms"]["p50"], b["step_ms"]["p50"])
+    out["step_time_ratio_mean"] = _ratio(a["step_ms"]["mean"], b["step_ms"]["mean"])
+    out["step_time_ratio_p50"] = _ratio(a["step_ms"]["p50"], b["step_ms"]["p50"])
     out["step_time_overhead_pct"] = (_r((out["step_time_ratio_mean"] - 1) * 100, 2)
                                      if out["step_time_ratio_mean"] else None)
-    out["tok_s_ratio_evict_vs_none"] = ratio(a["output_tok_s"], b["output_tok_s"])
+    out["tok_s_ratio_evict_vs_none"] = _ratio(a["output_tok_s"], b["output_tok_s"])
     out["runs"] = runs
     out["note"] = ("step time = #running-req / gen throughput of each decode log line at full concurrency; "
                    "the evicting run also attends over at most B + R tokens instead of the full length")
+    return out
+
+
+def _ratio(x, y):
+    return _r(x / y) if x and y else None
+
+
+def ratios(systems: dict) -> dict:
+    """Per baseline and level: sglang-vase output tok/s / the baseline's."""
+    vase = systems.get("sglang-vase", {}).get("levels", {})
+    return {base: {n: _ratio(vase[n]["output_tok_s"], systems[base]["levels"][n]["output_tok_s"])
+                   for n in vase if n in systems[base]["levels"]}
+            for base in BASELINES if base in systems and vase}
+
+
+def limit_check(levels: dict, limit: int) -> dict:
+    """At and past the physical limit: does sglang-vase run within 5% of it at once, unretracted?"""
+    out = {}
+    for n, res in levels.items():
+        if int(n) >= limit:
+            out[n] = {"max_running": res["max_running_requests"],
+                      "within_5pct": res["max_running_requests"] >= 0.95 * limit,
+                      "retractions": res["retractions_meta_info"] + res["retraction_events_log"]}
     return out
 
 
@@ -410,14 +566,21 @@ def main(argv: list[str] | None = None) -> dict:
         model_path = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data_file = args.data_dir / f"{args.dataset}.jsonl"
-    n_prompts = max(args.levels)
-    prompts = load_prompts(data_file, tokenizer, n_prompts, args.max_prompt_len)
-    longest = max(len(p) for p in prompts)
+    # The pool and the limit come from the distinct workload's prompts (at most its largest count).
+    probe = load_prompts(data_file, tokenizer, 64, args.max_prompt_len)
+    longest = max(len(p) for p in probe)
     full_len = longest + args.output_len + ADMISSION_SLACK
     pool = args.pool_tokens or args.full_requests * full_len
-    max_running = args.max_running_requests or max(args.levels)
+    limit = pool // (max(longest, args.budget) + args.window)
+    levels = {"distinct": resolve_levels(args.level_specs, limit) if "distinct" in args.workloads else [],
+              "shared": args.shared if "shared" in args.workloads else []}
+    top = max(max(v) for v in levels.values() if v)
+    prompts = {"distinct": load_prompts(data_file, tokenizer, max(levels["distinct"], default=1), args.max_prompt_len)}
+    system = system_prompt(tokenizer, args.system_prompt_tokens)
+    prompts["shared"] = load_prompts(data_file, tokenizer, max(levels["shared"], default=args.samples) // args.samples,
+                                     args.max_prompt_len, system=system)
     fits = pool // full_len
-    oc = args.overhead_concurrency if args.overhead_concurrency is not None else min(fits, max(args.levels))
+    oc = args.overhead_concurrency if args.overhead_concurrency is not None else fits
     # A budget at or above prompt + output never triggers; sglang-vase refuses requests whose slot
     # bound (max(prompt, B) + R) exceeds the pool, so take the smallest such multiple of R.
     no_evict_budget = args.window * math.ceil(full_len / args.window)
@@ -425,9 +588,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[throughput] overhead runs skipped: no-eviction budget {no_evict_budget} + R exceeds the pool",
               flush=True)
         oc = 0
-
-    common = ["--model-path", model_path, "--max-total-tokens", str(pool),
-              "--max-running-requests", str(max(max_running, oc)), *SHARED_FLAGS, *shlex.split(args.server_args)]
+    max_running = args.max_running_requests or max(top, oc)
+    common = ["--model-path", model_path, "--max-total-tokens", str(pool), "--max-running-requests", str(max_running),
+              *MEASURE_FLAGS, *shlex.split(args.server_args)]
     vase_flags = ["--vase-budget", str(args.budget), "--vase-window", str(args.window), "--vase-policy", args.policy]
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vase-throughput-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -439,52 +602,65 @@ def main(argv: list[str] | None = None) -> dict:
             "model_path": model_path, "dataset": str(data_file), "output_len": args.output_len,
             "budget": args.budget, "window": args.window, "policy": args.policy, "pool_tokens": pool,
             "full_requests_pool_fits": fits, "longest_prompt_tokens": longest,
-            "prompt_tokens": [len(p) for p in prompts], "concurrency_levels": args.levels,
-            "max_running_requests": max(max_running, oc), "temperature": args.temperature, "top_p": args.top_p,
-            "ignore_eos": not args.no_ignore_eos, "quick": args.quick, "shared_server_flags": common[2:],
-            "vase_flags": vase_flags,
+            "physical_limit": limit, "physical_limit_formula": "pool // (max(longest prompt, B) + R)",
+            "distinct_prompt_tokens": [len(p) for p in prompts["distinct"]],
+            "shared_prompt_tokens": [len(p) for p in prompts["shared"]], "samples": args.samples,
+            "system_prompt_tokens": len(_chat_ids(tokenizer, "", system)),
+            "levels": levels, "max_running_requests": max_running, "temperature": args.temperature,
+            "top_p": args.top_p, "ignore_eos": not args.no_ignore_eos, "quick": args.quick,
+            "common_server_flags": common[2:], "vase_flags": vase_flags,
+            "system_flags": {s: SYSTEMS[s][1] for s in args.systems},
         },
-        "systems": {},
+        "servers": {},
+        "workloads": {w: {"systems": {}} for w in args.workloads},
     }
-    for system in args.systems:
-        flags = common + (vase_flags if system == "sglang-vase" else [])
+    for system_name in args.systems:
+        is_vase, extra = SYSTEMS[system_name]
+        flags = common + extra + (vase_flags if is_vase else [])
         # Plain SGLang gets the CPU route from serving.Server when no GPU is visible.
-        server = Server(flags, vase=system == "sglang-vase", env={"SGLANG_LOG_MS": "1"},
-                        log_path=log_dir / f"{system}.log", cuda=cuda, wait=False)
+        server = Server(flags, vase=is_vase, env={"SGLANG_LOG_MS": "1"}, log_path=log_dir / f"{system_name}.log",
+                        cuda=cuda, wait=False)
         try:
             startup = server.wait_ready(args.start_timeout)
             m = POOL_RE.search(server.log())
-            entry = {"command": " ".join(shlex.quote(c) for c in server.cmd), "startup_s": round(startup, 1),
-                     "log": str(server.log_path), "pool_tokens_reported": int(m.group(1)) if m else None,
-                     "levels": {}}
-            result["systems"][system] = entry
-            run_batch(server.url, prompts[:1], {**sampling(args), "max_new_tokens": 4})  # warm-up
-            for n in args.levels:
-                print(f"[throughput] {system}: {n} requests x {args.output_len} tokens", flush=True)
-                res = run_level(server, prompts[:n], sampling(args))
-                entry["levels"][str(n)] = res
-                print(f"[throughput] {system} @ {n}: {res['output_tok_s']} tok/s, running max "
-                      f"{res['max_running_requests']} mean {res['mean_running_requests']}, retractions "
-                      f"{res['retractions_meta_info']}, peak KV {res['peak_kv_tokens']}", flush=True)
-            if system == "sglang-vase" and oc > 0:
-                print(f"[throughput] eviction overhead at {oc} requests", flush=True)
+            result["servers"][system_name] = {
+                "command": " ".join(shlex.quote(c) for c in server.cmd), "startup_s": round(startup, 1),
+                "log": str(server.log_path), "pool_tokens_reported": int(m.group(1)) if m else None}
+            warm = Progress("warm-up", 1, server, False)
+            run_batch(server.url, prompts["distinct"][:1], {**sampling(args), "max_new_tokens": 4}, warm)
+            for workload in args.workloads:
+                entry = result["workloads"][workload]["systems"].setdefault(system_name, {"levels": {}})
+                for n in levels[workload]:
+                    if workload == "shared":
+                        batch, samp = prompts["shared"][: n // args.samples], sampling(args, n=args.samples)
+                    else:
+                        batch, samp = prompts["distinct"][:n], sampling(args)
+                    label = f"{system_name} {workload} {n}"
+                    res = entry["levels"][str(n)] = run_level(server, label, batch, samp, not args.no_progress)
+                    print(f"[throughput] {label}: {res['output_tok_s']} tok/s, running max "
+                          f"{res['max_running_requests']} mean {res['mean_running_requests']}, retractions "
+                          f"{res['retractions_meta_info']}, peak KV {res['peak_kv_tokens']}, prefix hits "
+                          f"{res['prefix_hit_rate']}", flush=True)
+            if system_name == "sglang-vase" and oc > 0:
                 try:
-                    entry["overhead"] = oh = run_overhead(server, args, prompts[:oc], no_evict_budget)
+                    oh = result["servers"][system_name]["overhead"] = run_overhead(
+                        server, args, prompts["distinct"][:oc], no_evict_budget)
                     print(f"[throughput] eviction vs none at {oc} requests: step time x{oh['step_time_ratio_mean']} "
                           f"(mean) x{oh['step_time_ratio_p50']} (p50), tok/s x{oh['tok_s_ratio_evict_vs_none']}",
                           flush=True)
                 except Exception as e:  # noqa: BLE001 -- keep the levels' results; the error is reported
-                    entry["overhead"] = {"error": f"{type(e).__name__}: {e}"}
+                    result["servers"][system_name]["overhead"] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"[throughput] overhead run failed: {e}", flush=True)
         finally:
             server.stop()
 
-    if set(SYSTEMS) <= set(result["systems"]):
-        base, vase = (result["systems"][s]["levels"] for s in SYSTEMS)
-        result["ratio_vase_vs_sglang_tok_s"] = {
-            n: _r(vase[n]["output_tok_s"] / base[n]["output_tok_s"]) if base[n]["output_tok_s"] else None
-            for n in base}
-        print(f"[throughput] sglang-vase / sglang output tok/s: {result['ratio_vase_vs_sglang_tok_s']}", flush=True)
+    for workload, data in result["workloads"].items():
+        data["ratio_vase_vs"] = ratios(data["systems"])
+        print(f"[throughput] {workload}: sglang-vase / baseline output tok/s: {data['ratio_vase_vs']}", flush=True)
+    if "sglang-vase" in result["workloads"].get("distinct", {}).get("systems", {}):
+        check = limit_check(result["workloads"]["distinct"]["systems"]["sglang-vase"]["levels"], limit)
+        result["workloads"]["distinct"]["at_physical_limit"] = check
+        print(f"[throughput] at the physical limit ({limit}): {check}", flush=True)
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["runtime_s"] = round(time.time() - t_start, 1)
 
@@ -508,25 +684,30 @@ def plot(result: dict, out: Path) -> dict:
     title = (f"{Path(s['model_path']).name}, {s['output_len']} output tokens, pool {s['pool_tokens']} tokens, "
              f"B={s['budget']} R={s['window']}")
     paths = {}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for system, entry in result["systems"].items():
-        levels = sorted(entry["levels"], key=int)
-        ax.plot([int(n) for n in levels], [entry["levels"][n]["output_tok_s"] for n in levels], "o-", label=system)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("output tokens/s")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=8)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    workloads = result["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.4 * len(workloads), 4.2), squeeze=False)
+    for ax, (workload, data) in zip(axes[0], workloads.items()):
+        for system, entry in data["systems"].items():
+            levels = sorted(entry["levels"], key=int)
+            ax.plot([int(n) for n in levels], [entry["levels"][n]["output_tok_s"] for n in levels], "o-",
+                    label=system)
+        if workload == "distinct":
+            ax.axvline(s["physical_limit"], color="grey", ls=":", label="physical limit")
+        ax.set_xlabel("concurrent requests" + (f" ({s['samples']} samples a question)" if workload == "shared" else ""))
+        ax.set_ylabel("output tokens/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{workload} prompts; {title}", fontsize=8)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     paths["concurrency"] = str(out.with_name(f"{out.stem}_concurrency.png"))
     fig.savefig(paths["concurrency"], dpi=120)
     plt.close(fig)
 
-    top = str(max(s["concurrency_levels"]))
+    distinct = workloads.get("distinct") or next(iter(workloads.values()))
+    top = str(max(int(n) for entry in distinct["systems"].values() for n in entry["levels"]))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
-    for system, entry in result["systems"].items():
+    for system, entry in distinct["systems"].items():
         tr = entry["levels"].get(top, {}).get("trace")
         if not tr:
             continue
@@ -537,7 +718,7 @@ def plot(result: dict, out: Path) -> dict:
     ax2.set_ylabel("running requests")
     ax2.set_xlabel("seconds since the first request")
     ax1.set_title(f"{top} requests; {title}", fontsize=8)
-    ax1.legend()
+    ax1.legend(fontsize=8)
     for a in (ax1, ax2):
         a.grid(alpha=0.3)
     fig.tight_layout()

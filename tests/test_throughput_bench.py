@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/throughput.py: ``--quick`` end to end (both servers, both PNGs)."""
+"""Smoke test of benchmarks/throughput.py: ``--quick`` end to end (three servers, both workloads, both PNGs)."""
 
 from __future__ import annotations
 
@@ -28,42 +28,52 @@ def test_parse_log_lines():
     assert bench.pct([1, 2, 3, 4], 50) == 2.5 and bench.pct([], 50) is None
 
 
+def test_levels_name_the_physical_limit():
+    assert bench.resolve_levels(["8", "limit", "limit+8", "16"], limit=32) == [8, 16, 32, 40]
+    assert bench.resolve_levels(["limit-40"], limit=32) == [1]
+    check = bench.limit_check({"32": {"max_running_requests": 31, "retractions_meta_info": 0,
+                                      "retraction_events_log": 0},
+                               "16": {"max_running_requests": 16}}, limit=32)
+    assert check == {"32": {"max_running": 31, "within_5pct": True, "retractions": 0}}
+
+
 @pytest.mark.slow
 def test_quick_run(tmp_path):
     out = tmp_path / "throughput.json"
-    result = bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    result = bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--no-progress"])
     data = json.loads(out.read_text())
-    assert data["systems"].keys() == result["systems"].keys() == {"sglang", "sglang-vase"}
-
+    systems = {"sglang", "sglang-restricted", "sglang-vase"}
+    assert data["workloads"].keys() == {"distinct", "shared"}
     for key in ("cpu_count", "torch", "device", "date", "command"):
         assert key in data["machine"]
     settings = data["settings"]
-    assert settings["output_len"] == 64 and settings["concurrency_levels"] == [2, 4]
+    limit = settings["physical_limit"]
+    assert settings["output_len"] == 64 and settings["levels"] == {"distinct": [2, limit + 2], "shared": [4]}
+    assert "--disable-radix-cache" not in data["servers"]["sglang"]["command"]
+    assert "--disable-radix-cache" in data["servers"]["sglang-restricted"]["command"]
 
-    for system, entry in data["systems"].items():
-        assert set(entry["levels"]) == {"2", "4"}, system
-        for n, level in entry["levels"].items():
-            assert level["requests"] == int(n)
-            assert level["output_tokens"] == int(n) * 64, (system, n)  # ignore_eos: full-length outputs
-            assert level["output_tok_s"] > 0
-            assert 1 <= level["max_running_requests"] <= int(n)
-            assert level["mean_running_requests"] > 0
-            assert level["retractions_meta_info"] >= 0 and level["retraction_events_log"] >= 0
-            assert 0 < level["peak_kv_tokens"] <= settings["pool_tokens"]
-            assert 0 < level["peak_token_usage"] <= 1
-            for metric in ("ttft_ms", "tpot_ms"):
-                assert level[metric]["p50"] > 0 and level[metric]["p90"] >= level[metric]["p50"]
-            assert len(level["trace"]["t_s"]) == len(level["trace"]["token_usage"]) > 0
-
-    vase_levels = data["systems"]["sglang-vase"]["levels"]
+    for workload, w in data["workloads"].items():
+        assert w["systems"].keys() == result["workloads"][workload]["systems"].keys() == systems
+        for system, entry in w["systems"].items():
+            for n, level in entry["levels"].items():
+                assert level["requests"] == int(n)
+                assert level["output_tokens"] == int(n) * 64, (system, n)  # ignore_eos: full-length outputs
+                assert level["output_tok_s"] > 0
+                assert 1 <= level["max_running_requests"] <= int(n)
+                assert 0 < level["peak_kv_tokens"] <= settings["pool_tokens"]
+                for metric in ("ttft_ms", "tpot_ms"):
+                    assert level[metric]["p50"] > 0 and level[metric]["p90"] >= level[metric]["p50"]
+                assert len(level["trace"]["t_s"]) == len(level["trace"]["token_usage"]) > 0
+                if workload == "shared" and system != "sglang-restricted":
+                    assert level["prefix_hit_rate"] > 0, (system, n)  # samples read the shared prompt
+        assert set(w["ratio_vase_vs"]) == {"sglang", "sglang-restricted"}
+        assert all(r > 0 for ratios in w["ratio_vase_vs"].values() for r in ratios.values())
+    vase_levels = data["workloads"]["distinct"]["systems"]["sglang-vase"]["levels"]
     assert all(level["vase"]["evictions_total"] > 0 for level in vase_levels.values())
-    assert set(data["ratio_vase_vs_sglang_tok_s"]) == {"2", "4"}
-    assert all(r > 0 for r in data["ratio_vase_vs_sglang_tok_s"].values())
+    assert str(limit + 2) in data["workloads"]["distinct"]["at_physical_limit"]
 
-    overhead = data["systems"]["sglang-vase"]["overhead"]
-    assert overhead["no_eviction_evictions"] == 0
-    assert overhead["eviction_evictions"] > 0
-    assert overhead["tok_s_ratio_evict_vs_none"] > 0
+    overhead = data["servers"]["sglang-vase"]["overhead"]
+    assert overhead["no_eviction_evictions"] == 0 and overhead["eviction_evictions"] > 0
     for name in ("eviction", "no_eviction"):
         assert overhead[name]["step_ms"]["n"] > 0 and overhead[name]["step_ms"]["p50"] > 0
 
