@@ -156,7 +156,7 @@ def _prepare(folder: Path, build: Callable[[Path], None], what: str, verbose: bo
 # embeddings only, so a linear read-out of its input can single out the newline tokens.
 OUTLIER_LAYER = 0
 OUTLIER_VALUE = 20.0  # added to one value channel per KV head, times the detector (1 for "\n")
-OUTLIER_GAIN = 0.2  # scales that channel's o_proj columns: how much the output leans on it
+OUTLIER_GAIN = 0.1  # scales that channel's o_proj columns: how much the output leans on it
 # Least-squares weight of the calibration text's tokens against the whole vocabulary's.
 _CALIBRATION_WEIGHT = 10.0
 # Math-solution text whose tokens the detector must get right (newline -> 1, anything else -> 0).

@@ -17,6 +17,7 @@ import pytest
 import requests
 import torch
 
+from sglang_vase.engine.state import evictions_in
 from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,7 @@ def test_evictions_match_the_reference_replay(vase_server, trace_dir):
 
 
 def test_memory_bound_with_concurrency_and_aborts(vase_server):
-    """B=128, R=32, 16 concurrent 640-token outputs plus 4 aborted mid-flight: nobody exceeds
+    """B=128, R=32, 16 concurrent 320-token outputs plus 4 aborted mid-flight: nobody exceeds
     max(prompt,B)+R, the strict memory checks hold throughout, and every slot comes back."""
     results, errors = {}, []
 
@@ -122,7 +123,7 @@ def test_memory_bound_with_concurrency_and_aborts(vase_server):
             errors.append((key, e))
 
     def body(i, rid=None):
-        sp = {"max_new_tokens": 640, "ignore_eos": True, "temperature": 0.8,
+        sp = {"max_new_tokens": 320, "ignore_eos": True, "temperature": 0.8,
               "custom_params": {"vase": {"budget": 128, "window": 32, "seed": i}}}
         return {"text": f"{PROMPT} ({i})", "sampling_params": sp, **({"rid": rid} if rid else {})}
 
@@ -142,9 +143,9 @@ def test_memory_bound_with_concurrency_and_aborts(vase_server):
         if str(key).startswith("abort"):
             assert meta["finish_reason"]["type"] == "abort"
             continue
-        assert meta["completion_tokens"] == 640
+        assert meta["completion_tokens"] == 320
         assert meta["vase"]["peak_kv_len"] <= max(meta["prompt_tokens"], 128) + 32
-        assert meta["vase"]["evictions"] >= 15
+        assert meta["vase"]["evictions"] == evictions_in(meta["prompt_tokens"], 320, 128, 32) >= 5
         assert meta["num_retractions"] == 0
     assert len(results) == 20
     assert vase_server.alive(), vase_server.log()[-3000:]
