@@ -82,8 +82,11 @@ class Case:
     timeout: float = 900
     budget: int = SERVER_BUDGET
     window: int = SERVER_WINDOW
-    keep_prompt: bool = False
     features: list[str] = field(default_factory=list)
+
+    @property
+    def keep_prompt(self) -> bool:
+        return "keep_prompt" in self.features
 
 
 def _vase_params(rng: random.Random) -> dict:
@@ -131,7 +134,7 @@ def make_case(index: int, rng: random.Random, invalid_share: float, abort_share:
     if r < invalid_share + abort_share:
         body["sampling_params"].update(max_new_tokens=400, ignore_eos=True)
         return Case(index, "abort", body, timeout=rng.uniform(0.5, 4.0), budget=budget, window=window,
-                    keep_prompt="keep_prompt" in features, features=features + ["abort"])
+                    features=features + ["abort"])
     u = rng.random()
     if u < 0.15:
         body["sampling_params"]["n"] = rng.randint(2, 4)
@@ -149,8 +152,7 @@ def make_case(index: int, rng: random.Random, invalid_share: float, abort_share:
     if rng.random() < 0.15:
         body.update(return_logprob=True, top_logprobs_num=2)
         features.append("logprobs")
-    return Case(index, "valid", body, budget=budget, window=window, keep_prompt="keep_prompt" in features,
-                features=features)
+    return Case(index, "valid", body, budget=budget, window=window, features=features)
 
 
 def check_valid(case: Case, outputs: list[dict]) -> list[str]:
