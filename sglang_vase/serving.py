@@ -13,6 +13,7 @@ visible (``launch_server.CPU_FLAGS``), so both systems differ only by eviction.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -35,10 +36,24 @@ STRICT_MEMORY_ENV = {
 _DECODE_RUNNING_RE = re.compile(r"Decode batch(?: \[\d+\])?, #running-req: (\d+)")
 
 
+# Ports come from below the kernel's ephemeral range (32768+ here), where no outgoing connection of
+# another process can take them between our check and the server's bind, and from under SGLang's own
+# range for its NCCL/TCPStore ports (22000-29999), so two servers never draw from one pool.
+_PORT_RANGE = (10000, 21999)
+# A server whose HTTP port was taken anyway logs this and then hangs in shutdown instead of exiting.
+_PORT_TAKEN = "address already in use"
+_START_ATTEMPTS = 3
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(_PORT_RANGE[0], _PORT_RANGE[1] + 1), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
@@ -49,18 +64,37 @@ class _Process:
     """A loopback HTTP service in its own process group, its log in a file; ``wait_ready`` polls
     ``/health``, ``stop`` is idempotent."""
 
-    def __init__(self, cmd: list[str], port: int, env: dict, log_path: Path | None, wait: bool, timeout: float):
-        self.cmd, self.port = cmd, port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, cmd: list[str], env: dict, log_path: Path | None, wait: bool, timeout: float):
+        """``cmd`` without ``--host``/``--port``: those are added for a free loopback port."""
+        self._base_cmd, self._env = cmd, env
+        self._lock = threading.Lock()
         if log_path is None:
-            log_path = Path(tempfile.mkstemp(prefix=f"{type(self).__name__.lower()}-{port}-", suffix=".log")[1])
+            log_path = Path(tempfile.mkstemp(prefix=f"{type(self).__name__.lower()}-", suffix=".log")[1])
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=tempfile.gettempdir(), start_new_session=True)
+        self._start_attempts = 0
+        self._launch()
         if wait:
             self.wait_ready(timeout)
+
+    def _launch(self) -> None:
+        self._start_attempts += 1
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [*self._base_cmd[:3], "--host", "127.0.0.1", "--port", str(self.port), *self._base_cmd[3:]]
+        self._log_start = self.log_offset()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env,
+                                     cwd=tempfile.gettempdir(), start_new_session=True)
+
+    def _relaunch_if_port_taken(self) -> bool:
+        """Another process can still bind the port between our check and the server's bind; the
+        server then never answers. Start it again on another port (the log keeps both attempts)."""
+        if self._start_attempts >= _START_ATTEMPTS or _PORT_TAKEN not in self.log(self._log_start).lower():
+            return False
+        self._kill()
+        self._log.write(f"\n--- port {self.port} was taken; starting again on another port ---\n")
+        self._launch()
+        return True
 
     def wait_ready(self, timeout: float = 300, cancel: threading.Event | None = None) -> float:
         """Seconds until /health answered; raises with the log's tail if the process died or hung."""
@@ -70,6 +104,8 @@ class _Process:
         while time.time() - t0 < timeout:
             if cancel is not None and cancel.is_set():
                 raise RuntimeError("cancelled")
+            if self._relaunch_if_port_taken():
+                continue
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.cmd[2]} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
@@ -93,17 +129,20 @@ class _Process:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         with self._lock:
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                    self.proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(30)
-                except ProcessLookupError:
-                    pass
+            self._kill()
             if not self._log.closed:
                 self._log.close()
 
@@ -118,9 +157,9 @@ class Server(_Process):
 
     def __init__(self, args: list[str], vase: bool = True, env: dict | None = None, log_path: Path | None = None,
                  cuda: bool | None = None, wait: bool = True, timeout: float = 300, strict_memory: bool = False):
-        self.vase, port = vase, free_port()
+        self.vase = vase
         module = "sglang_vase.launch_server" if vase else "sglang.launch_server"
-        cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+        cmd = [sys.executable, "-m", module, *args]
         if not _has_flag(args, "--model-path"):
             from sglang_vase.models import prepare_default_model
 
@@ -137,7 +176,7 @@ class Server(_Process):
                 full_env.update(CPU_ENV)
                 cmd += [x for flag, value in CPU_FLAGS if not _has_flag(args, flag)
                         for x in ((flag,) if value is None else (flag, value))]
-        super().__init__(cmd, port, full_env, log_path, wait, timeout)
+        super().__init__(cmd, full_env, log_path, wait, timeout)
 
     def generate(self, text=None, max_new_tokens: int = 32, vase=None, timeout: float = 600, extra: dict | None = None,
                  input_ids: list[int] | None = None, **sampling) -> dict:
@@ -178,11 +217,9 @@ class Router(_Process):
 
     def __init__(self, worker_urls: list[str], args: list[str] = (), env: dict | None = None,
                  log_path: Path | None = None, wait: bool = True, timeout: float = 120):
-        port = free_port()
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-               "--worker-urls", *worker_urls, *args]
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, *args]
         self.worker_urls = list(worker_urls)
-        super().__init__(cmd, port, {**os.environ, **(env or {})}, log_path, wait, timeout)
+        super().__init__(cmd, {**os.environ, **(env or {})}, log_path, wait, timeout)
 
     def wait_ready(self, timeout: float = 120, cancel: threading.Event | None = None) -> float:
         """Also wait until every worker is registered: the router answers /health at once and

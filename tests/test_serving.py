@@ -1,0 +1,43 @@
+"""The server starter survives a port that another process takes between our check and the bind
+(CI lost a 42-minute run to exactly that): it starts the service again on another port."""
+
+import socket
+import sys
+import textwrap
+
+from sglang_vase import serving
+
+APP = textwrap.dedent("""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+""")
+
+
+def test_taken_port_is_retried_on_another(tmp_path, monkeypatch):
+    (tmp_path / "health_app.py").write_text(APP)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", serving.free_port()))
+    taken.listen()
+    taken_port = taken.getsockname()[1]
+    draws = iter([taken_port])
+    real_free_port = serving.free_port
+    monkeypatch.setattr(serving, "free_port", lambda: next(draws, None) or real_free_port())
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(tmp_path), "health_app:app"]
+    service = serving._Process(cmd, env={}, log_path=tmp_path / "service.log", wait=False, timeout=60)
+    try:
+        assert service.port == taken_port
+        service.wait_ready(60)
+        assert service.port != taken_port and service._start_attempts == 2
+        log = service.log()
+        assert "address already in use" in log.lower() and f"port {taken_port} was taken" in log
+    finally:
+        service.stop()
+        taken.close()
+
+
+def test_free_ports_avoid_the_ephemeral_and_sglang_ranges():
+    ports = {serving.free_port() for _ in range(20)}
+    assert all(10000 <= p < 22000 for p in ports)
