@@ -60,11 +60,15 @@ vase, snapkv, streamingllm, evict-large-v.
 
 Outputs: ``--out`` (default benchmarks/results/fidelity.json) and next to it ``<stem>_kl.png``,
 ``<stem>_top1.png``, ``<stem>_nll.png``, ``<stem>_vrange.png`` (and ``<stem>_repetition.png`` with the
-engine part); markdown tables per kept order on stdout.
+engine part); markdown tables per kept order, of the value ranges per layer and of ``adaptive_verdict``
+(vase-adaptive against the better of snapkv-sample and vase per order, budget and metric: worse
+beyond seed noise when by more than two standard errors over seeds) on stdout and in the file.
+``--render`` rebuilds those tables and the plots of an existing ``--out`` without running anything.
 
     python benchmarks/fidelity.py [--quick] [--outlier-model] [--prompts 8] [--cont-len 1024]
         [--compressions 2,4,8] [--window 32] [--seeds 3] [--orders sorted,released]
         [--policies vase,snapkv,vase-adaptive:tau=3,...] [--engine]
+    python benchmarks/fidelity.py --render --out benchmarks/results/fidelity.json
 """
 
 from __future__ import annotations
@@ -537,6 +541,72 @@ def markdown_table(rows: list[dict], order: str) -> str:
     return "\n".join(lines)
 
 
+# The adaptive policy against the better of its two parents, per kept order and budget (the fidelity
+# issue's goal: never worse beyond seed noise). Lower is better for KL and NLL, higher for top-1.
+ADAPTIVE, RIVALS = "vase-adaptive", ("snapkv-sample", "vase")
+VERDICT_METRICS = (("kl_after", -1), ("top1_after", 1), ("nll_increase_after", -1))
+
+
+def adaptive_verdict(rows: list[dict], policy: str = ADAPTIVE, rivals: tuple = RIVALS) -> list[dict]:
+    """Per kept order, compression and metric: ``policy``'s mean over seeds against the better
+    rival's, and whether it is worse beyond seed noise: by more than two standard errors of the
+    difference of the two means, sqrt(s_a^2 / n_a + s_b^2 / n_b) with s the std over seeds (ddof=1)
+    and n the seeds (the prompts are the same for every policy, so the seeds are the noise)."""
+    sel = {(r["policy"], r["order"], r["compression"]): r for r in rows}
+    out = []
+    for (pol, order, c), r in sorted(sel.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        if pol != policy or r["kl_after"] is None:
+            continue
+        opponents = [sel[(o, order, c)] for o in rivals if (o, order, c) in sel]
+        if not opponents:
+            continue
+        for key, sign in VERDICT_METRICS:
+            best = max(opponents, key=lambda o: sign * o[key])
+            n_a, n_b = len(r["replay_seeds"]), len(best["replay_seeds"])
+            se = math.sqrt((r[f"{key}_std"] or 0.0) ** 2 / n_a + (best[f"{key}_std"] or 0.0) ** 2 / n_b)
+            worse_by = sign * (best[key] - r[key])  # > 0: the policy is worse
+            out.append({"order": order, "compression": c, "budget": r["budget"], "metric": key, "policy": r[key],
+                        "best_rival": best["policy"], "rival": best[key], "worse_by": worse_by, "two_se": 2 * se,
+                        "worse_beyond_noise": worse_by > 2 * se})
+    return out
+
+
+def verdict_table(verdict: list[dict]) -> str:
+    lines = [f"{ADAPTIVE} against the better of {' and '.join(RIVALS)} (worse beyond noise: by more than two "
+             "standard errors over seeds)", "", "| order | B | metric | adaptive | better rival | worse by | 2 SE | "
+             "worse beyond noise |", "|---|---|---|---|---|---|---|---|"]
+    for v in verdict:
+        lines.append(f"| {v['order']} | {v['budget']} | {v['metric']} | {v['policy']:.4f} | {v['best_rival']} "
+                     f"{v['rival']:.4f} | {v['worse_by']:+.4f} | {v['two_se']:.4f} | "
+                     f"{'**yes**' if v['worse_beyond_noise'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def value_range_table(vrange: list[dict]) -> str:
+    """Per layer: max / median and 99th percentile / median of the value range (mean and max over
+    heads and prompts), and the share of tokens above each tau x median (mean over heads)."""
+    taus = [k for k in vrange[0] if k.startswith("share_above_")]
+    head = " | ".join(f"> {k[len('share_above_'):]}" for k in taus)
+    lines = [f"| layer | max/median mean | max/median max | p99/median mean | p99/median max | {head} |",
+             "|---" * (5 + len(taus)) + "|"]
+    for v in vrange:
+        shares = " | ".join(f"{v[k]['mean']:.4f}" for k in taus)
+        lines.append(f"| {v['layer']} | {v['max_over_median']['mean']:.2f} | {v['max_over_median']['max']:.2f} | "
+                     f"{v['p99_over_median']['mean']:.2f} | {v['p99_over_median']['max']:.2f} | {shares} |")
+    return "\n".join(lines)
+
+
+def render(result: dict, out: Path) -> None:
+    """Tables, the adaptive policy's verdict and plots of ``result`` (in place)."""
+    rows = result["results"]
+    result["tables"] = {order: markdown_table(rows, order) for order in result["config"]["orders"]}
+    result["tables"]["value_ranges"] = value_range_table(result["value_ranges"])
+    result["adaptive_verdict"] = adaptive_verdict(rows)
+    if result["adaptive_verdict"]:
+        result["tables"]["adaptive_verdict"] = verdict_table(result["adaptive_verdict"])
+    result["plots"] = plot(rows, result["value_ranges"], out)
+
+
 def plot(rows: list[dict], vrange: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -657,6 +727,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, released order, 4 policies")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--render", action="store_true",
+                   help="only rebuild the tables, the adaptive policy's verdict and the plots of --out")
     p.add_argument("--update", action="store_true",
                    help="re-run only --policies and replace their rows in --out, keeping every other row "
                         "(same settings required; the full-cache rows stay those of the original run)")
@@ -690,6 +762,8 @@ def engine_configs(configs: list[dict]) -> list[dict]:
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.render:
+        return render_only(Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -805,12 +879,21 @@ def main(argv=None) -> dict:
         machine["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-    result["tables"] = {order: markdown_table(rows, order) for order in result["config"]["orders"]}
-    result["plots"] = plot(rows, result["value_ranges"], out)
+    render(result, out)
     out.write_text(json.dumps(result, indent=1))
     for table in result["tables"].values():
         print(table, "\n")
     print(f"[fidelity] wrote {out} and {len(result['plots'])} plots in {timing['total_seconds']:.0f}s", flush=True)
+    return result
+
+
+def render_only(out: Path) -> dict:
+    """``--render``: rebuild the tables, the verdict and the plots of a results file without a run."""
+    result = json.loads(out.read_text())
+    render(result, out)
+    out.write_text(json.dumps(result, indent=1))
+    for table in result["tables"].values():
+        print(table, "\n")
     return result
 
 

@@ -99,6 +99,31 @@ def test_value_range_stats():
     assert stats["p99_over_median"][1] == 1.0
 
 
+def _row(policy, kl, kl_std, top1=0.9, nll=0.1, order="sorted", compression=4, seeds=3):
+    return {"policy": policy, "order": order, "compression": compression, "budget": 256, "kl_after": kl,
+            "kl_after_std": kl_std, "top1_after": top1, "top1_after_std": 0.0, "nll_increase_after": nll,
+            "nll_increase_after_std": 0.0, "replay_seeds": list(range(seeds))}
+
+
+def test_adaptive_verdict_against_the_better_rival():
+    rows = [_row("snapkv-sample", 0.10, 0.01), _row("vase", 0.12, 0.01),
+            _row("vase-adaptive", 0.115, 0.01, top1=0.8, nll=0.1)]
+    verdict = {v["metric"]: v for v in fidelity.adaptive_verdict(rows)}
+    kl = verdict["kl_after"]
+    assert kl["best_rival"] == "snapkv-sample" and kl["worse_by"] == pytest.approx(0.015)
+    assert kl["two_se"] == pytest.approx(2 * math.sqrt(2 * 0.01 ** 2 / 3))  # 0.0163: within noise
+    assert not kl["worse_beyond_noise"]
+    assert verdict["top1_after"]["worse_by"] == pytest.approx(0.1) and verdict["top1_after"]["worse_beyond_noise"]
+    assert not verdict["nll_increase_after"]["worse_beyond_noise"]  # a tie
+    rows[2]["kl_after"] = 0.125  # 0.025 > 0.0163
+    assert {v["metric"]: v for v in fidelity.adaptive_verdict(rows)}["kl_after"]["worse_beyond_noise"]
+    rows[2]["kl_after"] = 0.05  # better than both: negative
+    assert {v["metric"]: v for v in fidelity.adaptive_verdict(rows)}["kl_after"]["worse_by"] < 0
+    assert fidelity.adaptive_verdict(rows[:2]) == []  # no adaptive rows: nothing to judge
+    table = fidelity.verdict_table(fidelity.adaptive_verdict(rows))
+    assert table.count("\n| sorted | 256 |") == 3 and "**yes**" in table
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_OK, reason="shared/data/reasoning/math.jsonl not found")
 def test_quick_run(tmp_path):
@@ -106,6 +131,10 @@ def test_quick_run(tmp_path):
     returned = fidelity.main(["--quick", "--engine", "--threads", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["tables"] == returned["tables"]
+    assert data["tables"]["value_ranges"].count("\n| ") == 30  # one row per layer under the header
+    assert data["adaptive_verdict"] == []  # vase-adaptive is not among --quick's policies
+    rendered = fidelity.main(["--render", "--out", str(out)])  # tables and plots again, without a run
+    assert rendered["tables"] == data["tables"] and rendered["plots"] == data["plots"]
 
     for key in ("config", "machine", "date", "command", "prompts", "results", "replay_runs", "engine_runs",
                 "engine", "timing", "tables", "plots", "value_ranges", "noise_floor_kl"):
