@@ -597,7 +597,8 @@ def value_range_table(vrange: list[dict]) -> str:
 
 
 def render(result: dict, out: Path) -> None:
-    """Tables, the adaptive policy's verdict and plots of ``result`` (in place)."""
+    """Tables, the adaptive policy's verdict and plots of ``result`` (in place); writes ``out`` and
+    prints the tables."""
     rows = result["results"]
     result["tables"] = {order: markdown_table(rows, order) for order in result["config"]["orders"]}
     result["tables"]["value_ranges"] = value_range_table(result["value_ranges"])
@@ -605,6 +606,9 @@ def render(result: dict, out: Path) -> None:
     if result["adaptive_verdict"]:
         result["tables"]["adaptive_verdict"] = verdict_table(result["adaptive_verdict"])
     result["plots"] = plot(rows, result["value_ranges"], out)
+    out.write_text(json.dumps(result, indent=1))
+    for table in result["tables"].values():
+        print(table, "\n")
 
 
 def plot(rows: list[dict], vrange: list[dict], out: Path) -> list[str]:
@@ -880,9 +884,6 @@ def main(argv=None) -> dict:
     except OSError:
         pass
     render(result, out)
-    out.write_text(json.dumps(result, indent=1))
-    for table in result["tables"].values():
-        print(table, "\n")
     print(f"[fidelity] wrote {out} and {len(result['plots'])} plots in {timing['total_seconds']:.0f}s", flush=True)
     return result
 
@@ -891,9 +892,6 @@ def render_only(out: Path) -> dict:
     """``--render``: rebuild the tables, the verdict and the plots of a results file without a run."""
     result = json.loads(out.read_text())
     render(result, out)
-    out.write_text(json.dumps(result, indent=1))
-    for table in result["tables"].values():
-        print(table, "\n")
     return result
 
 
