@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 
 from sglang_vase.engine.state import evictions_in
+from sglang_vase.policies import POLICIES
 from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
@@ -24,6 +27,7 @@ POOL = 2600
 FLAGS = ["--dtype", "float32", "--max-total-tokens", str(POOL), "--max-running-requests", "24", "--enable-metrics",
          "--decode-log-interval", "1", "--vase-budget", str(BUDGET), "--vase-window", str(WINDOW)]
 EOS = 2  # the embedded model's <|im_end|>
+STATS = ("evictions", "evicted_tokens", "peak_kv_len", "seed")
 RESTRICTED = ["--disable-radix-cache", "--disable-overlap-schedule"]
 SYSTEM = ("You are a patient mathematics tutor. You explain every step of a calculation, check each "
           "intermediate result twice, and finish with the answer on its own line. ") * 20
@@ -176,3 +180,61 @@ def test_keep_prompt_shares_the_prompt_for_the_whole_request(server):
         assert max(prompt, BUDGET) + WINDOW < meta["vase"]["peak_kv_len"] <= prompt + BUDGET + WINDOW
     time.sleep(3)
     assert server.used_tokens() == 0
+
+
+# Prompt lengths past the budget whose first eviction's query window reaches back into the prompt
+# (P % R != 0): 81 (P % R = 1) and 93 (P % R = R - 3).
+CACHED_PROMPTS = (5 * WINDOW + 1, 6 * WINDOW - 3)
+QUERY_POLICIES = sorted(name for name, cls in POLICIES.items() if cls.needs_queries)
+
+
+def _token_prompt(seed: int, length: int) -> list[int]:
+    """Distinct prompts of exact lengths: no prefix of one is cached when another is sent."""
+    return torch.randint(1000, 40000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _send_all(server, bodies: dict) -> dict:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = {k: pool.submit(requests.post, f"{server.url}/generate", json=b, timeout=900)
+                   for k, b in bodies.items()}
+    out = {}
+    for k, f in futures.items():
+        r = f.result()
+        assert r.status_code == 200, r.text
+        out[k] = r.json()
+    return out
+
+
+@pytest.mark.parametrize("prompt_len", CACHED_PROMPTS)
+def test_a_cached_prompt_evicts_as_an_uncached_one(server, prompt_len):
+    """The radix cache prefills only a prompt's uncached suffix, but the first eviction's query
+    window covers the last P % R prompt positions: those are prefilled again, so every policy that
+    scores with queries keeps the same tokens whether the prompt was cached or not (greedy, fp32)."""
+    bodies = {name: {"input_ids": _token_prompt(100 * prompt_len + i, prompt_len), "sampling_params": {
+        "max_new_tokens": 48, "ignore_eos": True, "temperature": 0, "custom_params": {"vase": {"policy": name,
+                                                                                             "seed": 5}}}}
+              for i, name in enumerate(QUERY_POLICIES)}
+    cold, warm = _send_all(server, bodies), _send_all(server, bodies)
+    window_start = prompt_len // WINDOW * WINDOW  # the first eviction (at the next multiple of R) reads from here
+    assert [name for name in QUERY_POLICIES if warm[name]["output_ids"] != cold[name]["output_ids"]] == []
+    for name in QUERY_POLICIES:
+        c, w = cold[name]["meta_info"], warm[name]["meta_info"]
+        assert c["cached_tokens"] == 0 and w["cached_tokens"] == window_start, (name, w["cached_tokens"])
+        assert w["vase"]["evictions"] == c["vase"]["evictions"] == evictions_in(prompt_len, 48, BUDGET, WINDOW)
+        assert {k: w["vase"][k] for k in STATS} == {k: c["vase"][k] for k in STATS}, name
+
+
+def test_parallel_samples_of_a_long_prompt_equal_a_single_request(server):
+    """n > 1 prefills the prompt once and reads it from the tree for every sample: each sample evicts
+    exactly as a single cold request with the same seed does."""
+    prompt = _token_prompt(7, CACHED_PROMPTS[1])
+    sampling = {"max_new_tokens": 48, "ignore_eos": True, "temperature": 0, "custom_params": {"vase": {"seed": 11}}}
+    single = server.generate(input_ids=prompt, **{k: v for k, v in sampling.items() if k != "custom_params"},
+                             vase=sampling["custom_params"]["vase"])
+    assert single["meta_info"]["cached_tokens"] == 0
+    many = _send_all(server, {"n": {"input_ids": prompt, "sampling_params": {**sampling, "n": 3}}})["n"]
+    assert len(many) == 3
+    for out in many:
+        assert out["meta_info"]["cached_tokens"] > 0
+        assert out["output_ids"] == single["output_ids"]
+        assert {k: out["meta_info"]["vase"][k] for k in STATS} == {k: single["meta_info"]["vase"][k] for k in STATS}

@@ -185,3 +185,23 @@ def test_keep_prompt_trigger_and_bounds():
     # ... a shared one is not: it then needs B + R of its own.
     assert future_slots(paper, 100, protected=100, remaining_output=1000, exclusive=0) == 80
     assert future_slots(paper, 100, protected=100, remaining_output=1000, exclusive=30) == 50
+
+
+@pytest.mark.parametrize("policy, keep_prompt, prefill, expected", [
+    ("vase", False, 93, 80),     # P % R = 13: the first window (at n = 96) starts at column 80
+    ("snapkv", False, 81, 80),   # P % R = 1
+    ("vase", False, 96, None),   # P % R = 0: the window (n = 112) holds decoded tokens only
+    ("vase", False, 40, None),   # P <= B: first trigger at B + R
+    ("vase", True, 93, None),    # keep_prompt: the window is past the pinned prompt
+    ("streamingllm", False, 93, None),  # scores without queries
+])
+def test_the_prefix_match_stops_where_the_first_query_window_starts(policy, keep_prompt, prefill, expected):
+    """A cached prompt prefix must not cover positions whose queries the first eviction scores with
+    (``patches/compute_max_prefix_len``); a request that never reaches its trigger is not capped."""
+    params = VaseParams(policy=policy, budget=64, window=16, keep_prompt=keep_prompt)
+    st = RequestState(params, seed=0, rid="c", prefill_len=prefill, pinned=params.pinned(prefill))
+    assert st.first_window_start(remaining_new_tokens=100) == expected
+    assert st.first_window_start(remaining_new_tokens=1) is None
+    if expected is not None:  # the window the engine reads at its first trigger starts exactly there
+        first = next(n for n in range(prefill, 400) if st.due(n))
+        assert first - params.window == expected

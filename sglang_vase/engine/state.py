@@ -97,6 +97,19 @@ class RequestState:
         return evictions_in(self.prefill_len, remaining_new_tokens, self.params.budget, self.params.window,
                             self.pinned) > 0
 
+    def first_window_start(self, remaining_new_tokens: int) -> int | None:
+        """The first column of the query window that the first eviction after this (re)prefill scores
+        with, when it reaches back into the prefill (P > B with P % R != 0): those positions' queries
+        come from the prefill, so a prefill that skips them (a radix-cache hit) must not. None when the
+        policy scores without queries, the request never reaches its trigger, or the window lies in
+        decoded positions only."""
+        if not self.params.build_policy().needs_queries or not self.reaches_trigger(remaining_new_tokens):
+            return None
+        budget, window = self.params.budget, self.params.window
+        first_trigger = (max(budget, self.prefill_len - self.pinned) // window + 1) * window
+        start = self.pinned + first_trigger - window
+        return start if start < self.prefill_len else None
+
     def will_evict(self, n: int, remaining_new_tokens: int) -> bool:
         """Whether a running request at physical length ``n`` (already evicted if due) reaches
         another trigger while sampling ``remaining_new_tokens`` more tokens (the last one never
