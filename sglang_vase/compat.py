@@ -23,6 +23,10 @@ def model_refusals(model_config) -> list[str]:
         reasons.append("ALiBi models (the bias is computed from physical positions)")
     if getattr(model_config, "is_hybrid_swa", False):
         reasons.append("hybrid sliding-window models")
+    elif getattr(model_config, "is_local_attention_model", False):
+        # --disable-hybrid-swa-memory turns is_hybrid_swa off; the chunked layers remain.
+        reasons.append("chunked local attention (Llama-4: its attention reads physical lengths and "
+                       "position-ordered page tables)")
     return reasons
 
 

@@ -159,6 +159,12 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
         added = [a for f, v in needed if (a := _ensure(argv, f, v))]
         if added:
             notes.append(f"KV eviction needs {', '.join(added)} (added)")
+        backend = page_one_attention_backend(argv) if cuda_available else None
+        if backend is not None:
+            argv += ["--attention-backend", backend]
+            notes.append(f"SGLang's default attention backend on this GPU (compute capability 10.x: trtllm_mha or "
+                         f"fa4) raises the page size to 64 or 128; KV eviction needs page size 1: --attention-"
+                         f"backend {backend} (added)")
         notes.append(f"eviction defaults: policy {params.policy}, --vase-budget {params.budget}, --vase-window "
                      f"{params.window}, --vase-n-large {params.n_large if params.n_large is not None else 'budget // 4'}, "
                      f"--vase-seed {params.seed}, --vase-keep-prompt {params.keep_prompt}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
@@ -168,6 +174,37 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     else:
         notes.append("--vase-policy none: plain SGLang (requests may not ask for eviction)")
     return params, argv, env, notes
+
+
+ATTENTION_BACKEND_FLAGS = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend")
+
+
+def page_one_attention_backend(argv: list[str]) -> str | None:
+    """A page-size-1 attention backend to name when SGLang's own default would raise the page size:
+    on compute capability 10.x it picks trtllm_mha (page 64) or fa4 (page 128). The one SGLang picks
+    on other GPUs (flashinfer when installed, else triton) works with page size 1. None when the user
+    named a backend (``check_resolved`` refuses one that needs larger pages) or the default is fine."""
+    if any(_flag_value(argv, f) is not None for f in ATTENTION_BACKEND_FLAGS):
+        return None
+    from sglang.srt.runtime_context import get_platform
+
+    if not get_platform().is_sm100:
+        return None
+    return "flashinfer" if get_platform().has_flashinfer else "triton"
+
+
+def check_resolved(server_args) -> None:
+    """Refuse what SGLang's own resolution of the flags leaves eviction unable to honour (the page
+    size an attention backend forces), before any process starts."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+
+    server_args.resolve_once()
+    view = resolved_view(server_args)
+    if view.page_size != 1:
+        backends = {view.attention_backend, view.prefill_attention_backend, view.decode_attention_backend} - {None}
+        raise LaunchError(
+            f"SGLang resolved --page-size {view.page_size} for attention backend(s) {sorted(backends)}; token-level "
+            f"eviction needs page size 1: name --attention-backend flashinfer or triton (or pass --vase-policy none)")
 
 
 def cpu_rank_threads(argv: list[str]) -> dict:
@@ -234,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     server_args = prepare_server_args(sglang_argv)
     if params is not None and params.enabled:
         try:
+            check_resolved(server_args)
             check_model(server_args)
         except LaunchError as e:
             vase_parser().exit(2, f"error: {e}\n")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sglang_vase.kernels import compact_, compact_reference_, score_candidates, score_candidates_reference
+from sglang_vase.kernels._dispatch import triton_loads
 
 # On CPU, conftest.py has set TRITON_INTERPRET=1 before the kernels were defined.
 
@@ -150,6 +151,19 @@ def test_fallback_is_reference(seed, monkeypatch):
     assert torch.equal(k1, k_buf) and torch.equal(v1, v_buf), f"seed={seed}"
 
 
+def test_fp8_kv_below_compute_capability_8_9_takes_the_torch_path():
+    """Triton cannot compile fp8 e4m3 loads below 8.9 (``check_fp8_boundary`` compiles for each
+    capability): such a KV cache is scored by the torch path, which handles it."""
+    assert not triton_loads(torch.float8_e4m3fn, (8, 0)) and not triton_loads(torch.float8_e4m3fn, (8, 6))
+    assert triton_loads(torch.float8_e4m3fn, (8, 9)) and triton_loads(torch.float8_e4m3fn, (9, 0))
+    assert triton_loads(torch.float8_e5m2, (8, 0)) and triton_loads(torch.bfloat16, (7, 5))
+    k_buf, v_buf, slots, queries = make_layer(0, bq=1, n=40, h_kv=2, group=2, d=64, w=4, dtype=torch.float32,
+                                              device="cpu")
+    attn, vrange = score_candidates_reference(k_buf.to(torch.float8_e4m3fn), v_buf.to(torch.float8_e4m3fn), slots,
+                                              queries)
+    assert attn.dtype == torch.float32 and torch.isfinite(attn).all() and vrange.shape == attn.shape
+
+
 def test_rejects_bad_shapes():
     k_buf, v_buf, slots, queries = make_layer(0, bq=1, n=10, h_kv=2, group=2, d=64, w=4, dtype=torch.float32)
     with pytest.raises(ValueError):
@@ -186,6 +200,34 @@ def compile_for_sm90():
         build(compaction._gather_kernel, types, copy, 4)
         build(compaction._scatter_kernel, types, copy, 4)
     build(scoring._smooth_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"}, dict(KERNEL=5, BLOCK=scoring.SMOOTH_BLOCK), 4)
+    check_fp8_boundary()
+
+
+def check_fp8_boundary():
+    """The scoring kernel with an fp8 KV cache compiles exactly where ``triton_loads`` sends it to
+    Triton: e4m3 from compute capability 8.9 on, e5m2 below too."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from sglang_vase.kernels import scoring
+    from sglang_vase.kernels._dispatch import triton_loads
+
+    fn = scoring._stats_kernel
+    consts = dict(H_Q=40, GROUP=5, D=128, BLOCK_D=128, BLOCK_W=64, BLOCK_N=32, F32=True)
+    for tl_type, dtype in (("fp8e4nv", torch.float8_e4m3fn), ("fp8e5", torch.float8_e5m2)):
+        for capability in ((8, 0), (8, 6), (8, 9), (9, 0)):
+            types = {"k_ptr": "*" + tl_type, "q_ptr": "*bf16", "slot_ptr": "*i32", "m_ptr": "*fp32",
+                     "l_ptr": "*fp32", "qk_scale": "fp32"}
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+            try:
+                triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+                               target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                               options=dict(num_warps=scoring.NUM_WARPS))
+                compiled = True
+            except triton.compiler.errors.CompilationError as e:
+                assert "not supported in this architecture" in str(e), e
+                compiled = False
+            assert compiled == triton_loads(dtype, capability), (tl_type, capability, compiled)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the tests above run the compiled kernels")

@@ -122,3 +122,43 @@ def test_request_params_merge_and_errors():
                        ({"budget": True}, "budget"), ({"x": 1}, "unknown"), ({"keep_prompt": 1}, "keep_prompt")]:
         with pytest.raises(ValueError, match=field):
             request_params({"vase": bad}, defaults)
+
+
+def _resolve_on(platform: dict, extra: list[str]):
+    """The launcher's argv for a CUDA machine with ``platform``'s facts, resolved by SGLang itself."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+    from sglang.srt.runtime_context import override_platform
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_vase.launch_server import check_resolved
+    from sglang_vase.models import default_model_dir
+
+    facts = {"is_cuda": True, "is_sm90": False, "is_sm100": False, "is_sm120": False,
+             "is_hopper_with_cuda_12_3": False, "has_flashinfer": True, **platform}
+    with override_platform(**facts):
+        _, argv, _, notes = prepare(["--model-path", str(default_model_dir()), "--device", "cuda",
+                                     "--mem-fraction-static", "0.8", *extra], cuda_available=True)
+        server_args = prepare_server_args(argv)
+        check_resolved(server_args)
+        view = resolved_view(server_args)
+        return view.attention_backend, view.page_size, notes
+
+
+def test_blackwell_gets_a_page_one_attention_backend():
+    """On compute capability 10.x SGLang's default attention backend (trtllm_mha) raises the page
+    size to 64 after the launcher's --page-size 1: the launcher names a page-1 backend there (SGLang's
+    own resolution, with the device mocked through its platform overrides)."""
+    backend, page, notes = _resolve_on({"is_sm100": True}, [])
+    assert (backend, page) == ("flashinfer", 1)
+    assert any("compute capability 10.x" in n for n in notes)
+    assert _resolve_on({"is_sm100": True, "has_flashinfer": False}, [])[:2] == ("triton", 1)
+    # Hopper keeps SGLang's own choice (fa3, page size 1); nothing is added.
+    backend, page, notes = _resolve_on({"is_sm90": True, "is_hopper_with_cuda_12_3": True}, [])
+    assert (backend, page) == ("fa3", 1) and not any("compute capability" in n for n in notes)
+
+
+@pytest.mark.parametrize("platform, backend", [({"is_sm100": True}, "trtllm_mha"), ({"is_sm100": True}, "fa4"),
+                                               ({"is_sm90": True}, "trtllm_mha")])
+def test_a_named_backend_that_needs_larger_pages_is_refused(platform, backend):
+    with pytest.raises(LaunchError, match=f"page size 1.*{backend}|{backend}.*page size 1"):
+        _resolve_on(platform, ["--attention-backend", backend])

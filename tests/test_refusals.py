@@ -30,6 +30,12 @@ MODELS = {
                     "num_experts_per_tok": 2}, "sliding-window"),
     "llama": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, None),
 }
+LLAMA4 = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+          "text_config": {**TINY, "model_type": "llama4_text", "head_dim": 64, "intermediate_size_mlp": 512,
+                          "attention_chunk_size": 128, "num_local_experts": 2, "num_experts_per_tok": 1},
+          "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "intermediate_size": 128, "image_size": 56, "patch_size": 14,
+                            "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64}}
 GEMMA2_SLIDING = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "sliding_window": 64, "head_dim": 64,
                   "query_pre_attn_scalar": 64, "hidden_act": "gelu_pytorch_tanh",
                   "hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0,
@@ -59,6 +65,20 @@ def test_model_refusals(tmp_path, name):
         assert reasons == []
     else:
         assert len(reasons) == 1 and reason in reasons[0], reasons
+
+
+@pytest.mark.parametrize("disable_hybrid_swa_memory", [False, True])
+def test_chunked_local_attention_is_refused(tmp_path, disable_hybrid_swa_memory):
+    """Llama-4's chunked local attention is refused even when --disable-hybrid-swa-memory hides its
+    hybrid sliding-window layout from SGLang's is_hybrid_swa."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from sglang_vase.compat import model_refusals
+
+    config = ModelConfig(tiny_model(tmp_path / "llama4", LLAMA4), disable_hybrid_swa_memory=disable_hybrid_swa_memory)
+    reasons = model_refusals(config)
+    assert len(reasons) == 1 and ("chunked local attention" in reasons[0] or "sliding-window" in reasons[0]), reasons
+    assert ("chunked local attention" in reasons[0]) == disable_hybrid_swa_memory
 
 
 def test_launcher_refuses_the_model_before_starting_sglang(tmp_path):

@@ -6,14 +6,30 @@ import os
 
 import torch
 
+# Triton compiles loads of fp8 e4m3 only from compute capability 8.9 on (Ada, Hopper and later):
+# below, it knows only fp8e5 and fp8e4b15 ("type fp8e4nv not supported in this architecture").
+_FP8_E4M3 = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, name)}
+FP8_E4M3_MIN_CAPABILITY = (8, 9)
+
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, or anywhere under ``TRITON_INTERPRET=1`` (the CPU test route).
+    """Triton on CUDA tensors it can load, or anywhere under ``TRITON_INTERPRET=1`` (the CPU test route).
 
     The interpreter flag is read by ``triton.jit`` when a kernel is defined, so it must be set before
     this package is imported; reading it again here keeps dispatch and kernel definitions in step.
     """
-    return interpreting() or all(t.is_cuda for t in tensors)
+    if interpreting():
+        return True
+    if not all(t.is_cuda for t in tensors):
+        return False
+    return all(triton_loads(t.dtype, torch.cuda.get_device_capability(t.device)) for t in tensors)
+
+
+def triton_loads(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Whether a Triton kernel can load ``dtype`` on a GPU of ``capability``: an fp8 e4m3 KV cache
+    (``--kv-cache-dtype fp8_e4m3``) below 8.9 (Ampere, Turing) is scored by the torch path, which
+    converts it in PyTorch's own kernels. (Compaction moves raw bytes, whatever the dtype.)"""
+    return dtype not in _FP8_E4M3 or tuple(capability) >= FP8_E4M3_MIN_CAPABILITY
 
 
 def interpreting() -> bool:
