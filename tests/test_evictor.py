@@ -159,7 +159,8 @@ def test_workspace_bound_splits_without_changing_the_result(policy):
 
     shape = _Shape.of(params.build_policy(), n, torch.zeros(1, H_KV, D), DeviceState(2, 0, LAYERS, window, H_Q, D,
                                                                                        torch.float32, "cpu"), LAYERS)
-    assert shape.plan(1) == (1, 1) and shape.plan(DEFAULT_WORKSPACE_BYTES)[1] == H_KV
+    assert (shape.plan(1).requests, shape.plan(1).layers, shape.plan(1).heads) == (1, 1, 1)
+    assert shape.plan(DEFAULT_WORKSPACE_BYTES).layers == LAYERS and shape.plan(DEFAULT_WORKSPACE_BYTES).heads == H_KV
     for a, b in zip(run(DEFAULT_WORKSPACE_BYTES), run(1)):
         assert torch.equal(a, b), f"seed {seed}"
 

@@ -1,4 +1,4 @@
-"""One eviction round for the requests that reached their trigger, batched across requests.
+"""One eviction round for the requests that reached their trigger, batched across requests and layers.
 
 For each request with physical length n, of which the first q columns are pinned (the prompt with
 keep_prompt, else q = 0), K = B - R (VASE_SPEC, "One eviction"; SGLANG_NOTES, "the key design
@@ -8,7 +8,7 @@ fact"):
     cand     = row[q : n-R]                  the n - R - q candidates; row[n-R : n] is the recency tail
     keep     = [L, H_kv, K] per-head indices into cand
     targets  = K slots the request owns      (see below)
-    per layer: K_l[targets, h] = K_l[cand[keep[l, h]], h]   (V likewise; through a temporary)
+    per layer: K_l[targets, h] = K_l[cand[keep[l, h]], h]   (V likewise; every source read first)
     new row  = row[:q] ++ targets ++ tail    the recency tail moves by index only
     free       its own candidate slots that are not targets
     length   = q + B;  position offset += n - (q + B)      RoPE positions stay absolute
@@ -21,27 +21,40 @@ keep_prompt, every eviction after the first) the targets are simply ``cand[:K]``
 the caller (``claim``), after selection and before compaction; a request that gets none is skipped
 this round (``RoundResult.deferred``) and evicts at its next trigger.
 
-Requests that share (settings, n - q) are evicted together: in steady state every request of one
-budget evicts at n - q = B + R, so a round is one batch. A batch runs in phases so that a failure
-hurts only the request it belongs to:
+Requests that share their settings (the seed aside: each member draws its own noise) and n - q are
+evicted together: in steady state every request of one budget evicts at n - q = B + R, so a round is
+one batch. A batch covers every layer at once: one scoring pass (three Triton launches), one
+selection over ``[Bq, L, H_kv, N]``, one compaction launch, so its kernel launches do not grow with
+the layer count (``benchmarks/bench_kernels.py --rounds`` counts them). It runs in phases so that a
+failure hurts only the request it belongs to:
 1. select: the keep sets of every layer, reading the pool only. If it raises for a batch, each
    member is retried alone and only the members that still fail are reported.
 2. claim: the caller hands out fresh slots (and releases the tree slots the members stop reading).
-3. apply: compaction, row rewrite, offsets. If it raises, the batch's members are reported (their
-   KV may be half compacted; their rows and lengths are untouched, so their slots free normally;
-   the caller frees their fresh slots).
+3. apply: compaction and row rewrite. If it raises, the batch's members are reported (their KV may
+   be half compacted; their rows and lengths are untouched, so their slots free normally; the
+   caller frees their fresh slots).
+4. commit: offsets and counters of the members that evicted.
 The caller aborts the reported requests; every other request evicts as usual.
 
-Compaction gathers every source of a batch before it writes any target (``kernels.compact_``), so a
-fresh slot may be one the tree just freed while it was still a source of this batch.
+Tensor parallelism: every rank runs the same round on its own KV heads, and the ranks must keep
+running the same batches. A failure on one rank only (an out-of-memory, say) would abort a request
+there alone, so ``agree`` (a MAX all-reduce over the TP group's CPU group, on host integers: no
+device sync) makes them agree after phase 1 (a member that failed anywhere is failed everywhere,
+before any rank claims or writes for it) and after phase 3 (a member evicted on one rank but failed
+or deferred on another is failed everywhere: where it was compacted its row is restored, so every
+rank frees the same slots when it is aborted). Each batch calls ``agree`` exactly twice on every
+rank, whatever happened locally.
 
 Transient memory is bounded by ``workspace_bytes``: requests are split into batches, and a single
-request's KV heads into chunks (heads are independent and draw their noise by global head index,
-so any split keeps exactly the same tokens). ``transient_bytes`` states the bound.
+request's layers (and, if need be, KV heads) into selection chunks (heads are independent and draw
+their noise by global head index, layers by their index: any split keeps exactly the same tokens).
+``_Shape.transient_bytes`` states the bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -52,11 +65,15 @@ import torch
 from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_, score_candidates
+from sglang_vase.kernels.compaction import num_programs, scratch_bytes
+from sglang_vase.kernels.scoring import gather_candidates, gather_queries
 from sglang_vase.kernels._dispatch import use_triton
 from sglang_vase.policies.base import Policy
 
+logger = logging.getLogger(__name__)
+
 # Debugging and tests: save every eviction's keep sets here (one file per request and eviction),
-# so a reference can replay exactly what the engine kept. Costs a device-to-host copy per layer.
+# so a reference can replay exactly what the engine kept. Costs a device-to-host copy per batch.
 TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
 # Tests: "select:<text>" or "apply:<text>" (comma-separated) makes that phase raise for requests
 # whose id contains <text> (as SGLANG_TEST_RETRACT forces retractions), to show that the failure
@@ -64,6 +81,10 @@ TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
 FAULT_ENV = "SGLANG_VASE_TEST_FAIL_EVICTION"
 # Default bound on an eviction round's transient memory (``--vase-workspace-mb``).
 DEFAULT_WORKSPACE_BYTES = 256 << 20
+# The compaction kernel's scratch takes at most this share of the workspace.
+SCRATCH_SHARE = 4
+
+_OK, _DEFERRED, _FAILED = 0, 1, 2
 
 
 @dataclass
@@ -116,6 +137,12 @@ class RoundResult:
 # claim(members) gives each member needing them ``fresh_needed`` slots (``Eviction.fresh``) and returns
 # the members it could not serve.
 Claim = Callable[[list[Eviction]], list[Eviction]]
+# agree(codes) -> the element-wise maximum of ``codes`` (int64, CPU) over the tensor-parallel ranks.
+Agree = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RankDisagreement(RuntimeError):
+    """The other tensor-parallel ranks could not evict this request; it is aborted on every rank."""
 
 
 def evict(
@@ -126,19 +153,28 @@ def evict(
     device: DeviceState,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     claim: Claim | None = None,
+    agree: Agree | None = None,
 ) -> RoundResult:
     """Compact every due request's KV, rewrite its row, and update its state."""
     groups: dict[tuple, list[Eviction]] = defaultdict(list)
     for e in due:
-        groups[(e.state.params, e.length - e.pinned)].append(e)
+        groups[(dataclasses.replace(e.state.params, seed=None), e.length - e.pinned)].append(e)
     result = RoundResult()
     for (params, g), members in groups.items():
         shape = _Shape.of(params.build_policy(), g, k_buffers[0], device, len(k_buffers))
-        per_request, heads = shape.plan(workspace_bytes)
-        for i in range(0, len(members), per_request):
-            _evict_batch(members[i : i + per_request], shape, heads, req_to_token, k_buffers, v_buffers,
-                         device, claim, result)
+        plan = shape.plan(workspace_bytes)
+        for i in range(0, len(members), plan.requests):
+            _evict_batch(members[i : i + plan.requests], shape, plan, req_to_token, k_buffers, v_buffers, device,
+                         claim, agree, result)
     return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    requests: int  # per batch
+    layers: int  # per selection chunk
+    heads: int  # per selection chunk (fewer than all only with one layer per chunk)
+    scratch_bytes: int  # the compaction kernel's scratch bound (0 on the torch path)
 
 
 @dataclass(frozen=True)
@@ -152,68 +188,149 @@ class _Shape:
     group: int
     head_dim: int
     itemsize: int
-    kernel: bool  # attention and value range come from the Triton kernel straight from the pool
+    scored: bool  # attention and value range come from ``score_candidates``
+    triton: bool  # Triton kernels (scoring, compaction) instead of the torch references
 
     @classmethod
     def of(cls, policy: Policy, g: int, k_buf: torch.Tensor, device: DeviceState, layers: int) -> "_Shape":
         h_kv, d = k_buf.shape[1], k_buf.shape[2]
-        kernel = policy.needs_queries and policy.kernel_scoring() is not None and use_triton(k_buf)
-        return cls(policy, g, layers, h_kv, device.ring.shape[3] // h_kv, d, k_buf.element_size(), kernel)
+        return cls(policy, g, layers, h_kv, device.ring.shape[3] // h_kv, d, k_buf.element_size(),
+                   policy.kernel_scoring() is not None, use_triton(k_buf))
 
-    def per_head_bytes(self) -> tuple[int, int]:
-        """(bytes of one layer's selection, bytes held across layers) per request and KV head."""
+    def per_head_bytes(self) -> tuple[int, int, int]:
+        """(one layer's selection, one layer's keep set held to the end, one layer's torch
+        compaction temporary) per request and KV head."""
         n, k, w, g, d = self.g - self.policy.window, self.policy.n_keep, self.policy.window, self.group, self.head_dim
-        scores = 8 * n * 4  # scores, pin scores, noise, keys and their scatter/where copies (fp32)
-        queries = g * w * d * (self.itemsize + 4) if self.policy.needs_queries else 0
-        if self.kernel and not self.policy.reads_kv:
-            select = scores + queries
-        else:  # gathered K/V, fp32 copies, GQA-repeated keys, logits and softmax over [g, W, N]
-            select = scores + queries + 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + 2 * g * w * n * 4
-        # keep sets; the compaction temporary (K kept + up to R copied tail columns)
-        held = self.layers * k * 8 + 2 * (k + w) * d * self.itemsize
-        return select, held
+        # scores, pin scores, noise with its int64 hash temporaries, keys, top-k values and indices (fp32)
+        select = 12 * n * 4
+        if self.scored:
+            select += 2 * n * 4  # attention and value range, held while the chunk selects
+            if not self.triton:  # the reference gathers K, V and the queries, and forms the [W, N] softmax
+                select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
+                select += 2 * g * w * n * 4
+        if self.policy.reads_kv:  # gathered K/V and their fp32 copies, GQA-repeated keys
+            select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
+        keep = (k + w) * 8  # with the copy-on-evict tail columns
+        temp = 0 if self.triton else 2 * (k + w) * d * self.itemsize
+        return select, keep, temp
 
-    def transient_bytes(self, requests: int, heads: int) -> int:
-        select, held = self.per_head_bytes()
-        return requests * (heads * select + self.h_kv * held)
+    def scratch_bytes(self, workspace_bytes: int) -> int:
+        """The compaction kernel's scratch: at most ``1 / SCRATCH_SHARE`` of the workspace, at least
+        one program's."""
+        if not self.triton:
+            return 0
+        row = scratch_bytes(1, self.policy.n_keep + self.policy.window, self.head_dim, self.itemsize)
+        return max(row, workspace_bytes // SCRATCH_SHARE // row * row)
 
-    def plan(self, workspace_bytes: int) -> tuple[int, int]:
-        """(requests per batch, KV heads per selection chunk) within ``workspace_bytes`` (at least 1, 1)."""
-        select, held = self.per_head_bytes()
-        per_request = self.h_kv * (select + held)
-        if per_request <= workspace_bytes:
-            return max(1, workspace_bytes // per_request), self.h_kv
-        return 1, max(1, min(self.h_kv, (workspace_bytes - self.h_kv * held) // select))
+    def transient_bytes(self, plan: _Plan) -> int:
+        """Transient memory of one batch under ``plan``."""
+        select, keep, temp = self.per_head_bytes()
+        return (plan.requests * (plan.layers * plan.heads * select + self.layers * self.h_kv * keep + self.h_kv * temp)
+                + plan.scratch_bytes)
+
+    def plan(self, workspace_bytes: int) -> _Plan:
+        """Requests per batch and the selection chunk within ``workspace_bytes`` (at least 1, 1, 1)."""
+        select, keep, temp = self.per_head_bytes()
+        scratch = self.scratch_bytes(workspace_bytes)
+        room = workspace_bytes - scratch
+        held = self.layers * self.h_kv * keep + self.h_kv * temp
+        per_request = self.layers * self.h_kv * select + held
+        if per_request <= room:
+            return _Plan(room // per_request, self.layers, self.h_kv, scratch)
+        layers = (room - held) // (self.h_kv * select)
+        if layers >= 1:
+            return _Plan(1, min(self.layers, layers), self.h_kv, scratch)
+        return _Plan(1, 1, max(1, min(self.h_kv, (room - held) // select)), scratch)
 
 
-def _evict_batch(members, shape, heads, req_to_token, k_buffers, v_buffers, device, claim, result) -> None:
+def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, device, claim, agree, result) -> None:
+    # 1. select, each member alone if the batch fails
+    keeps, errors = None, {}
     try:
-        batch = _Batch(members, shape, req_to_token, device)
-        keeps = batch.select(k_buffers, v_buffers, heads)
+        keeps = _Batch(members, shape, req_to_token, device).select(k_buffers, v_buffers, plan)
     except Exception as e:  # noqa: BLE001 -- reported to the caller, which aborts the request
-        if len(members) > 1:
-            for m in members:  # find the member(s) it belongs to; the others evict alone
-                _evict_batch([m], shape, heads, req_to_token, k_buffers, v_buffers, device, claim, result)
+        if len(members) == 1:
+            errors[0] = e
         else:
-            result.failed.append((members[0], e))
+            alone = []
+            for i, m in enumerate(members):
+                try:
+                    alone.append(_Batch([m], shape, req_to_token, device).select(k_buffers, v_buffers, plan))
+                except Exception as e1:  # noqa: BLE001
+                    errors[i] = e1
+                    alone.append(None)
+            keeps = alone
+    failed_anywhere = _agree(agree, [_FAILED if i in errors else _OK for i in range(len(members))])
+    survivors = [i for i in range(len(members)) if failed_anywhere[i][0] == _OK]
+    for i in range(len(members)):
+        if failed_anywhere[i][0] != _OK:
+            result.failed.append((members[i], errors.get(i) or RankDisagreement(
+                "eviction failed for this request on another tensor-parallel rank")))
+    if not survivors:
         return
+    keeps = _rows(keeps, survivors)
+    members = [members[i] for i in survivors]
+
+    # 2. claim
+    status = [_OK] * len(members)
     if claim is not None and any(m.fresh_needed or m.protected_after < m.protected for m in members):
         unserved = claim(members)
-        if unserved:
-            result.deferred.extend(unserved)
-            kept = [i for i, m in enumerate(members) if m not in unserved]
-            if not kept:
-                return
-            index = torch.tensor(kept, device=keeps[0].device)
-            members = [members[i] for i in kept]
-            keeps = [k.index_select(0, index) for k in keeps]
-            batch = _Batch(members, shape, req_to_token, device)
-    try:
-        result.freed.append(batch.apply(keeps, k_buffers, v_buffers))
-    except Exception as e:  # noqa: BLE001
-        result.failed.extend((m, e) for m in members)
-        return
-    result.evicted.extend(members)
+        status = [_DEFERRED if m in unserved else _OK for m in members]
+    served = [i for i, s in enumerate(status) if s == _OK]
+
+    # 3. apply
+    batch, freed, error = None, None, None
+    if served:
+        batch = _Batch([members[i] for i in served], shape, req_to_token, device)
+        try:
+            freed = batch.apply(_rows(keeps, served) if len(served) < len(members) else keeps, k_buffers,
+                                v_buffers, plan.scratch_bytes)
+        except Exception as e:  # noqa: BLE001
+            error = e
+            for i in served:
+                status[i] = _FAILED
+
+    # 4. agree, then commit the members evicted on every rank
+    outcome = _agree(agree, status)
+    committed = []
+    for j, i in enumerate(served):
+        if status[i] == _OK and outcome[i][0] == _OK:
+            committed.append(j)
+    for i, m in enumerate(members):
+        high, low = outcome[i]
+        if high == low == _DEFERRED:
+            result.deferred.append(m)
+        elif high != _OK or low != _OK:
+            if status[i] == _OK:  # compacted here, failed or deferred on another rank: put its row back
+                batch.restore(served.index(i))
+                logger.error("sglang-vase: request %s evicted on this rank but not on another one; aborting it on "
+                             "every rank", m.state.rid)
+            result.failed.append((m, error if status[i] == _FAILED and error is not None else RankDisagreement(
+                "eviction failed or was deferred for this request on another tensor-parallel rank")))
+    if committed:
+        batch.commit(committed)
+        result.freed.extend(freed[j] for j in committed)
+        result.evicted.extend(batch.members[j] for j in committed)
+
+
+def _agree(agree: Agree | None, codes: list[int]) -> list[tuple[int, int]]:
+    """(highest, lowest) of each member's code over the tensor-parallel ranks (this rank's alone
+    without tensor parallelism). One small CPU all-reduce, whatever the codes."""
+    if agree is None:
+        return [(c, c) for c in codes]
+    both = agree(torch.tensor([[c, -c] for c in codes], dtype=torch.int64))
+    return [(int(high), -int(neg_low)) for high, neg_low in both.tolist()]
+
+
+def _rows(keeps, index: list[int]) -> torch.Tensor:
+    """The keep sets of members ``index``: ``keeps`` is one ``[Bq, L, H, K]`` tensor or a list of
+    ``[1, L, H, K]`` (members selected alone). Host-side indexing: views and one stack, no
+    host-to-device copy of the index."""
+    if isinstance(keeps, torch.Tensor):
+        if index == list(range(keeps.shape[0])):
+            return keeps
+        return torch.stack([keeps[i] for i in index])
+    return torch.cat([keeps[i] for i in index])
 
 
 class _Batch:
@@ -232,77 +349,97 @@ class _Batch:
         self.slots = req_to_token[self.rows[:, None], columns].long()  # [Bq, g]: columns q..n-1
         self.cand = self.slots[:, : g - r]
         last = self.lengths - 1 + device.position_offset[self.rows]  # true position of each newest token
-        self.query_slots = device.window_slots(last, r) if shape.policy.needs_queries else None
+        # Ring positions of each request's window (the ring is indexed by true position % its depth).
+        self.query_positions = device.window_slots(last, r) if shape.policy.needs_queries else None
 
-    def select(self, k_buffers, v_buffers, heads: int) -> list[torch.Tensor]:
-        """Keep sets ``[Bq, H_kv, K]`` of every layer; reads the pool only."""
+    def select(self, k_buffers, v_buffers, plan: _Plan) -> torch.Tensor:
+        """Keep sets ``[Bq, L, H_kv, K]`` of every layer; reads the pool only."""
         _inject_fault("select", self.members)
-        policy, shape = self.shape.policy, self.shape
-        keeps = []
-        for layer, (k_buf, v_buf) in enumerate(zip(k_buffers, v_buffers)):
-            parts = []
-            for h0 in range(0, shape.h_kv, heads):
-                h1 = min(h0 + heads, shape.h_kv)
-                parts.append(self._select_heads(policy, layer, k_buf[:, h0:h1], v_buf[:, h0:h1], h0))
-            keeps.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        return keeps
+        chunks = []
+        for l0 in range(0, self.shape.layers, plan.layers):
+            layers = range(l0, min(l0 + plan.layers, self.shape.layers))
+            heads = [self._select(k_buffers[layers.start : layers.stop], v_buffers[layers.start : layers.stop],
+                                  layers, h0, min(h0 + plan.heads, self.shape.h_kv))
+                     for h0 in range(0, self.shape.h_kv, plan.heads)]
+            chunks.append(torch.cat(heads, dim=2) if len(heads) > 1 else heads[0])
+        return torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
 
-    def _select_heads(self, policy, layer, k_buf, v_buf, h0) -> torch.Tensor:
-        g = self.shape.group
-        queries = None
-        if policy.needs_queries:
-            queries = self.device.window_queries(self.ring_rows, layer, self.query_slots,
-                                                 heads=slice(h0 * g, (h0 + k_buf.shape[1]) * g))
+    def _select(self, k_layers, v_layers, layers: range, h0: int, h1: int) -> torch.Tensor:
+        """Keep sets ``[Bq, len(layers), h1 - h0, K]``."""
+        policy, shape = self.shape.policy, self.shape
+        k_layers = [b[:, h0:h1] for b in k_layers]
+        v_layers = [b[:, h0:h1] for b in v_layers]
+        bq, n, d = self.cand.shape[0], self.cand.shape[1], shape.head_dim
+        lead = (bq, len(layers), h1 - h0)
+        ring = self.device.ring[:, layers.start : layers.stop, :, h0 * shape.group : h1 * shape.group]
         precomputed = None
-        if self.shape.kernel:
+        if shape.scored:
             spec = policy.kernel_scoring()
-            attn, vrange = score_candidates(k_buf, v_buf, self.cand, queries.transpose(1, 2), **spec)
+            attn, vrange = score_candidates(k_layers, v_layers, self.cand, ring, self.ring_rows, self.query_positions,
+                                            **spec)
             precomputed = {("attention", spec["temperature"], spec["smoothing"]): attn,
                            ("value_range", spec["n_sink"]): vrange}
-        if self.shape.kernel and not policy.reads_kv:
-            # The policy reads only the precomputed scores: stand-ins of the candidates' shape.
-            keys = values = k_buf.new_zeros(()).expand(self.cand.shape[0], k_buf.shape[1], *self.cand.shape[1:],
-                                                       k_buf.shape[2])
-        else:
-            keys = k_buf[self.cand].permute(0, 2, 1, 3)  # [Bq, H, N, D]
-            values = v_buf[self.cand].permute(0, 2, 1, 3)
-        return select_keep(policy, keys, values, queries, self.seeds, self.evictions, layer,
+        if policy.reads_kv:
+            keys, values = gather_candidates(k_layers, self.cand), gather_candidates(v_layers, self.cand)
+        else:  # the policy reads only the precomputed scores and the shapes: zero-size stand-ins
+            keys = values = k_layers[0].new_zeros(()).expand(*lead, n, d)
+        queries = None
+        if policy.needs_queries:
+            if policy.reads_kv or not shape.scored:
+                queries = gather_queries(ring, self.ring_rows, self.query_positions)
+            else:
+                queries = ring.new_zeros(()).expand(bq, len(layers), (h1 - h0) * shape.group, policy.window, d)
+        return select_keep(policy, keys, values, queries, self.seeds, self.evictions, layers,
                            precomputed=precomputed, head_offset=self.device.head_offset + h0)
 
-    def apply(self, keeps: list[torch.Tensor], k_buffers, v_buffers) -> torch.Tensor:
-        """Compact every layer, rewrite the rows, move the offsets; returns the freed slot ids."""
+    def apply(self, keeps: torch.Tensor, k_buffers, v_buffers, scratch_budget: int) -> list[torch.Tensor]:
+        """Compact every layer and rewrite the rows; returns each member's freed slot ids."""
         _inject_fault("apply", self.members)
         g, b, r = self.shape.g, self.shape.policy.budget, self.shape.policy.window
         k = b - r
+        k_storage, v_storage = [_storage(t) for t in k_buffers], [_storage(t) for t in v_buffers]
         if all(m.protected <= m.pinned for m in self.members):
             # Every candidate is the request's own: keep in the first K candidate slots.
-            for k_buf, v_buf, keep in zip(k_buffers, v_buffers, keeps):
-                compact_(_storage(k_buf), _storage(v_buf), self.cand, keep)
+            compact_(k_storage, v_storage, self.cand, keeps, scratch_budget)
             new_row = torch.cat([self.cand[:, :k], self.slots[:, g - r :]], dim=1)
-            freed = self.cand[:, k:].reshape(-1)
+            freed = list(self.cand[:, k:].unbind(0))
         else:
             targets, sources, new_row, freed = self._copy_on_evict_layout(k)
             width = targets.shape[1]
             slots = torch.cat([targets, self.slots], dim=1)
-            for k_buf, v_buf, keep in zip(k_buffers, v_buffers, keeps):
-                full_keep = torch.cat([keep + width, sources[:, None, :].expand(-1, keep.shape[1], -1)], dim=2)
-                compact_(_storage(k_buf), _storage(v_buf), slots, full_keep)
+            full_keep = torch.cat([keeps + width, sources[:, None, None, :].expand(*keeps.shape[:3], -1)], dim=3)
+            compact_(k_storage, v_storage, slots, full_keep, scratch_budget)
         if os.environ.get(TRACE_DIR_ENV):
-            _save_trace(self.members, self.shape.g, torch.stack(keeps, dim=1).cpu())
+            _save_trace(self.members, self.shape.g, keeps.cpu())
         columns = self.starts[:, None] + torch.arange(b, device=self.rows.device)
         self.req_to_token[self.rows[:, None], columns] = new_row.to(self.req_to_token.dtype)
-        self.device.position_offset[self.rows] += self.lengths - self.starts - b
-        for e in self.members:
-            e.state.record(e.length - e.pinned - b)
         return freed
+
+    def restore(self, i: int) -> None:
+        """Put member ``i``'s row back as it was before ``apply`` (its KV stays compacted: it is
+        being aborted, and its slots must free as on a rank that never compacted it)."""
+        e = self.members[i]
+        self.req_to_token[e.row, e.pinned : e.pinned + self.shape.g] = self.slots[i].to(self.req_to_token.dtype)
+
+    def commit(self, index: list[int]) -> None:
+        """Offsets and counters of members ``index`` after their row was rewritten."""
+        b = self.shape.policy.budget
+        if len(index) == len(self.members):
+            self.device.position_offset[self.rows] += self.lengths - self.starts - b
+        else:
+            for i in index:
+                self.device.position_offset[self.rows[i]] += self.lengths[i] - self.starts[i] - b
+        for i in index:
+            e = self.members[i]
+            e.state.record(e.length - e.pinned - b)
 
     def _copy_on_evict_layout(self, k: int):
         """Targets and extra sources of a batch in which some request reads shared tree columns.
 
         Returns ``targets [Bq, K + T]`` (its K targets, then T tail-copy targets), ``sources [Bq, T]``
         (indices into ``[targets, slots]`` of what the copy targets receive), the new rows ``[Bq, B]``
-        and the freed slots. T is the batch's largest count of shared tail columns; a request with
-        fewer pads with a copy of its newest (own) tail slot onto itself.
+        and each member's freed slots. T is the batch's largest count of shared tail columns; a
+        request with fewer pads with a copy of its newest (own) tail slot onto itself.
         """
         g, r = self.shape.g, self.shape.policy.window
         copies = max(m._geometry()[2] for m in self.members)
@@ -323,7 +460,7 @@ class _Batch:
                                       torch.full((pad,), width + g - 1, device=own.device)]))
             rows.append(torch.cat([own[:kept_own], fresh[: k - kept_own], tail_targets]))
             freed.append(own[kept_own:])
-        return torch.stack(targets), torch.stack(sources), torch.stack(rows), torch.cat(freed)
+        return torch.stack(targets), torch.stack(sources), torch.stack(rows), freed
 
 
 def _storage(buf: torch.Tensor) -> torch.Tensor:

@@ -30,22 +30,30 @@ def select_keep(
     queries: torch.Tensor | None,
     seeds: torch.Tensor,
     evictions: torch.Tensor,
-    layer: int,
+    layer: int | range,
     check: bool = False,
     precomputed: dict | None = None,
     head_offset: int = 0,
 ) -> torch.Tensor:
-    """Keep sets of one layer for a batch of requests.
+    """Keep sets of one layer, or of a range of layers at once, for a batch of requests.
 
-    keys, values: ``[B, H_kv, N, D]`` candidates (physical slots 0..N-1, N = n - window);
-    queries: ``[B, H_q, window, D]`` post-RoPE window queries (any order), or None;
+    One layer (``layer`` an int): keys, values ``[B, H_kv, N, D]`` candidates (physical slots 0..N-1,
+    N = n - window); queries ``[B, H_q, window, D]`` post-RoPE window queries (any order), or None.
+    A range of layers: the same with a layer dimension after the batch, ``[B, len(layer), ...]``;
+    every layer draws exactly the noise it draws alone.
     seeds, evictions: int64 ``[B]``: request seed and how many evictions it has had before this one.
     precomputed: scores the engine's Triton kernel already computed (``Policy.kernel_scoring``).
     head_offset: global index of the first KV head given (a tensor-parallel rank's or a chunk's).
-    Returns int64 ``[B, H_kv, budget - window]``.
+    Returns int64 ``[B, H_kv, budget - window]`` (``[B, len(layer), H_kv, budget - window]``).
     """
-    if layer >= _LAYER_STRIDE:
-        raise ValueError(f"layer index {layer} exceeds {_LAYER_STRIDE}")
-    step = evictions.to(torch.int64) * _LAYER_STRIDE + layer
+    last = layer if isinstance(layer, int) else layer.stop - 1
+    if last >= _LAYER_STRIDE:
+        raise ValueError(f"layer index {last} exceeds {_LAYER_STRIDE}")
+    step = evictions.to(torch.int64) * _LAYER_STRIDE
+    if isinstance(layer, int):
+        step = step + layer
+    else:
+        seeds = seeds[:, None].expand(-1, len(layer))
+        step = step[:, None] + torch.arange(layer.start, layer.stop, device=step.device)
     return policy.select_batched(keys, values, queries, seeds, step, check=check, precomputed=precomputed,
                                  head_offset=head_offset)

@@ -225,17 +225,6 @@ class DeviceState:
         offsets = torch.arange(window, device=last.device)
         return (last[:, None] - offsets[None, :]) % self.window
 
-    def window_queries(
-        self, ring_rows: torch.Tensor, layer: int, slots: torch.Tensor, heads: slice = slice(None)
-    ) -> torch.Tensor:
-        """Queries ``[Bq, H_q, window, D]`` (query heads ``heads``) at ring positions ``slots`` of
-        the given ring rows.
-
-        A request's window may be smaller than the ring's (the server's); order is irrelevant to
-        the policies (they average over the window).
-        """
-        return self.ring[ring_rows[:, None], layer, slots, heads].permute(0, 2, 1, 3)
-
 
 # One model runner per scheduler process (speculative decoding is refused), so one device state.
 DEVICE: DeviceState | None = None

@@ -1,116 +1,154 @@
 """Per-head compaction of a request's slots (SGLANG_NOTES.md, "per-head eviction needs no new kernel").
 
-For each request b and KV head h: ``buf[slots[b, j], h] = old buf[slots[b, keep[b, h, j]], h]`` for
-``j < K``, for K and V of one layer. Sources and targets are the same request's slots, so a target
-may be another row's source: everything is gathered into a temporary first and scattered after. Two
-kernel launches give the global ordering a single launch could not (programs of one launch are
-unordered). Requests own disjoint slots and heads are independent, so only (b, h) rows interact.
+For each request b, layer l and KV head h:
+``buf_l[slots[b, j], h] = old buf_l[slots[b, keep[b, l, h, j]], h]`` for ``j < K``, for K and V.
+Sources and targets are the same request's slots, so a target may be another row's source: each
+(b, l, h) row must be read entirely before any of it is written. Rows never interact (requests own
+disjoint slots, heads and layers are disjoint memory).
+
+One launch covers every layer and request: a persistent grid of programs, each taking rows in turn
+through a scratch area of its own, K rows of K and V: load every source of the row into its
+scratch, barrier, write the scratch to the targets, barrier. Memory is bounded by the program count
+(``scratch_bytes``), not by the batch; the barrier orders the row's reads before its writes within
+the program, which no global ordering between programs could give in one launch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from sglang_vase.kernels._dispatch import pow2_at_least, use_triton
+from sglang_vase.kernels._layers import layer_offsets, layer_stack
 
-BLOCK_K = 32  # kept rows per program
+BLOCK_K = 32  # kept rows per tile
+NUM_WARPS = 4
+# Programs per SM: enough loads in flight to move rows at the device's bandwidth.
+PROGRAMS_PER_SM = 2
 
 
-@triton.jit
-def _gather_kernel(
-    k_ptr, v_ptr, slot_ptr, keep_ptr, tk_ptr, tv_ptr,
-    K,
+@triton.jit(do_not_specialize=["rows", "K", "stride_sb", "stride_pb", "stride_pl", "stride_ph"])
+def _compact_kernel(
+    k_ptr, v_ptr, koff_ptr, voff_ptr, slot_ptr, keep_ptr, scratch_ptr,
+    rows, K,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
     stride_sb, stride_sn,
-    stride_pb, stride_ph, stride_pk,
-    H_KV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_pb, stride_pl, stride_ph, stride_pk,
+    LAYERS: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)  # b * H_KV + h
-    b = (row // H_KV).to(tl.int64)
-    h = row % H_KV
-    offs_j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    j_mask = offs_j < K
+    pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = j_mask[:, None] & (offs_d < D)[None, :]
-
-    idx = tl.load(keep_ptr + b * stride_pb + h * stride_ph + offs_j * stride_pk, mask=j_mask, other=0)
-    src = tl.load(slot_ptr + b * stride_sb + idx * stride_sn, mask=j_mask, other=0).to(tl.int64)
-    tmp = (row.to(tl.int64) * K + offs_j)[:, None] * D + offs_d[None, :]
-    kx = tl.load(k_ptr + src[:, None] * stride_ks + h * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
-    tl.store(tk_ptr + tmp, kx, mask=mask)
-    vx = tl.load(v_ptr + src[:, None] * stride_vs + h * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-    tl.store(tv_ptr + tmp, vx, mask=mask)
-
-
-@triton.jit
-def _scatter_kernel(
-    k_ptr, v_ptr, slot_ptr, tk_ptr, tv_ptr,
-    K,
-    stride_ks, stride_kh, stride_kd,
-    stride_vs, stride_vh, stride_vd,
-    stride_sb, stride_sn,
-    H_KV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    row = tl.program_id(0)
-    b = (row // H_KV).to(tl.int64)
-    h = row % H_KV
-    offs_j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    j_mask = offs_j < K
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = j_mask[:, None] & (offs_d < D)[None, :]
-
-    dst = tl.load(slot_ptr + b * stride_sb + offs_j * stride_sn, mask=j_mask, other=0).to(tl.int64)
-    tmp = (row.to(tl.int64) * K + offs_j)[:, None] * D + offs_d[None, :]
-    kx = tl.load(tk_ptr + tmp, mask=mask)
-    tl.store(k_ptr + dst[:, None] * stride_ks + h * stride_kh + offs_d[None, :] * stride_kd, kx, mask=mask)
-    vx = tl.load(tv_ptr + tmp, mask=mask)
-    tl.store(v_ptr + dst[:, None] * stride_vs + h * stride_vh + offs_d[None, :] * stride_vd, vx, mask=mask)
-
-
-def _check(k_buf, v_buf, slots, keep):
-    if k_buf.dim() != 3 or k_buf.shape != v_buf.shape or k_buf.dtype != v_buf.dtype:
-        raise ValueError(
-            f"k_buf/v_buf must both be [S, H_kv, D] of one dtype; got {tuple(k_buf.shape)}, {tuple(v_buf.shape)}"
-        )
-    if slots.dim() != 2 or keep.dim() != 3 or keep.shape[:2] != (slots.shape[0], k_buf.shape[1]):
-        raise ValueError(f"need slots [Bq, N], keep [Bq, H_kv, K]; got {tuple(slots.shape)}, {tuple(keep.shape)}")
-    if keep.shape[2] > slots.shape[1]:
-        raise ValueError(f"cannot keep {keep.shape[2]} of {slots.shape[1]} candidates")
+    d_mask = offs_d < D
+    scratch_k = scratch_ptr + pid.to(tl.int64) * 2 * K * D
+    scratch_v = scratch_k + K * D
+    for r in range(pid, rows, tl.num_programs(0)):  # r = (b * LAYERS + l) * H_KV + h
+        b = tl.cast(r // (LAYERS * H_KV), tl.int64)
+        layer = (r // H_KV) % LAYERS
+        h = r % H_KV
+        k_layer = k_ptr + tl.load(koff_ptr + layer) + h * stride_kh
+        v_layer = v_ptr + tl.load(voff_ptr + layer) + h * stride_vh
+        keep_row = keep_ptr + b * stride_pb + layer * stride_pl + h * stride_ph
+        for t in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_j = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            j_mask = offs_j < K
+            mask = j_mask[:, None] & d_mask[None, :]
+            idx = tl.load(keep_row + offs_j * stride_pk, mask=j_mask, other=0)
+            src = tl.load(slot_ptr + b * stride_sb + idx * stride_sn, mask=j_mask, other=0).to(tl.int64)
+            tmp = offs_j[:, None] * D + offs_d[None, :]
+            tl.store(scratch_k + tmp, tl.load(k_layer + src[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                                              mask=mask), mask=mask)
+            tl.store(scratch_v + tmp, tl.load(v_layer + src[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                                              mask=mask), mask=mask)
+        tl.debug_barrier()  # every source of the row is read before any target is written
+        for t in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_j = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            j_mask = offs_j < K
+            mask = j_mask[:, None] & d_mask[None, :]
+            dst = tl.load(slot_ptr + b * stride_sb + offs_j * stride_sn, mask=j_mask, other=0).to(tl.int64)
+            tmp = offs_j[:, None] * D + offs_d[None, :]
+            tl.store(k_layer + dst[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                     tl.load(scratch_k + tmp, mask=mask, volatile=True), mask=mask)
+            tl.store(v_layer + dst[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                     tl.load(scratch_v + tmp, mask=mask, volatile=True), mask=mask)
+        tl.debug_barrier()  # the scratch is written again by the next row
 
 
-def compact_(k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor) -> None:
-    """In place, one layer: move each (request, KV head)'s kept candidates to its first K slots.
+def _check(k_layers, v_layers, slots, keep):
+    shape, _, dtype = layer_stack(k_layers)
+    if layer_stack(v_layers)[0] != shape or len(k_layers) != len(v_layers) or v_layers[0].dtype != dtype:
+        raise ValueError("K and V need as many layers of one shape and dtype")
+    if len(shape) != 3:
+        raise ValueError(f"layer buffers must be [S, H_kv, D]; got {tuple(shape)}")
+    if slots.dim() != 2 or keep.dim() != 4 or keep.shape[:3] != (slots.shape[0], len(k_layers), shape[1]):
+        raise ValueError(f"need slots [Bq, N], keep [Bq, L={len(k_layers)}, H_kv={shape[1]}, K]; got "
+                         f"{tuple(slots.shape)}, {tuple(keep.shape)}")
+    if keep.shape[3] > slots.shape[1]:
+        raise ValueError(f"cannot keep {keep.shape[3]} of {slots.shape[1]} candidates")
 
-    k_buf, v_buf: ``[S, H_kv, D]``; slots: int32/int64 ``[Bq, N]``; keep: int64 ``[Bq, H_kv, K]``
-    indices into ``0..N-1``. Slots other than ``slots[:, :K]`` are not written.
+
+def num_programs(rows: int, device: torch.device, row_bytes: int, scratch_budget: int | None = None) -> int:
+    """Programs of one compaction launch: enough for the device, within ``scratch_budget`` bytes."""
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another
+    programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    if scratch_budget is not None:
+        programs = min(programs, scratch_budget // max(row_bytes, 1))
+    return max(1, min(rows, programs))
+
+
+def scratch_bytes(programs: int, k: int, head_dim: int, itemsize: int) -> int:
+    """Scratch of a launch: K rows of K and V per program."""
+    return programs * 2 * k * head_dim * itemsize
+
+
+def compact_(
+    k_layers: Sequence[torch.Tensor],
+    v_layers: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    keep: torch.Tensor,
+    scratch_budget: int | None = None,
+) -> None:
+    """In place, every layer: move each (request, layer, KV head)'s kept candidates to its first K slots.
+
+    k_layers, v_layers: L buffers ``[S, H_kv, D]`` of one shape, dtype and strides (any dtype: bytes
+    are moved); slots: int32/int64 ``[Bq, N]``; keep: int64 ``[Bq, L, H_kv, K]`` indices into
+    ``0..N-1``. Slots other than ``slots[:, :K]`` are not written. ``scratch_budget`` bounds the
+    kernel's scratch in bytes (fewer programs; never fewer than one).
     """
-    _check(k_buf, v_buf, slots, keep)
-    if not use_triton(k_buf, v_buf, slots, keep):
-        compact_reference_(k_buf, v_buf, slots, keep)
+    _check(k_layers, v_layers, slots, keep)
+    if not use_triton(k_layers[0], v_layers[0], slots, keep):
+        compact_reference_(k_layers, v_layers, slots, keep)
         return
-    bq, h_kv, k = keep.shape
+    bq, layers, h_kv, k = keep.shape
+    k_buf, v_buf = k_layers[0], v_layers[0]
     d = k_buf.shape[2]
-    if bq * h_kv * k == 0:
+    rows = bq * layers * h_kv
+    if rows * k == 0:
         return
-    tk = torch.empty(bq * h_kv * k, d, dtype=k_buf.dtype, device=k_buf.device)
-    tv = torch.empty_like(tk)
-    grid = (bq * h_kv, triton.cdiv(k, BLOCK_K))
-    meta = dict(H_KV=h_kv, D=d, BLOCK_D=pow2_at_least(d), BLOCK_K=BLOCK_K)
-    strides = (*k_buf.stride(), *v_buf.stride(), *slots.stride())
-    _gather_kernel[grid](k_buf, v_buf, slots, keep, tk, tv, k, *strides, *keep.stride(), **meta)
-    _scatter_kernel[grid](k_buf, v_buf, slots, tk, tv, k, *strides, **meta)
+    programs = num_programs(rows, k_buf.device, scratch_bytes(1, k, d, k_buf.element_size()), scratch_budget)
+    scratch = torch.empty(programs, 2, k, d, dtype=k_buf.dtype, device=k_buf.device)
+    _compact_kernel[(programs,)](
+        k_buf, v_buf, layer_offsets(k_layers), layer_offsets(v_layers), slots, keep, scratch,
+        rows, k, *k_buf.stride(), *v_buf.stride(), *slots.stride(), *keep.stride(),
+        LAYERS=layers, H_KV=h_kv, D=d, BLOCK_D=pow2_at_least(d), BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS, num_stages=1,
+    )
 
 
-def compact_reference_(k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor) -> None:
+def compact_reference_(
+    k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor
+) -> None:
     """Torch semantics of ``compact_`` (advanced indexing reads into a fresh tensor: the temporary)."""
-    _check(k_buf, v_buf, slots, keep)
-    bq, h_kv, k = keep.shape
+    _check(k_layers, v_layers, slots, keep)
+    bq, _, h_kv, k = keep.shape
     idx = slots.long()
-    src = idx.gather(1, keep.reshape(bq, -1)).view(bq, h_kv, k)
     dst = idx[:, None, :k].expand(bq, h_kv, k)
-    head = torch.arange(h_kv, device=k_buf.device)[None, :, None]
-    for buf in (k_buf, v_buf):
-        buf[dst, head] = buf[src, head]
+    head = torch.arange(h_kv, device=idx.device)[None, :, None]
+    for layer, (k_buf, v_buf) in enumerate(zip(k_layers, v_layers)):
+        src = idx.gather(1, keep[:, layer].reshape(bq, -1)).view(bq, h_kv, k)
+        for buf in (k_buf, v_buf):
+            buf[dst, head] = buf[src, head]

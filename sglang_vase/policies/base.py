@@ -103,7 +103,8 @@ class Policy:
     # holds only if every eviction stores the kept tokens in slot order: they ignore ``sort_kept``.
     positional: ClassVar[bool] = False
     # Whether scores read the candidates' keys/values themselves, beyond what ``kernel_scoring``
-    # lets the engine precompute; when False (and the kernel runs) the engine gathers no K/V.
+    # lets the engine precompute; when False the engine gathers no K/V (it passes zero-size
+    # stand-ins of the candidates' shape).
     reads_kv: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):

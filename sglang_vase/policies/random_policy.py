@@ -20,6 +20,7 @@ class RandomPolicy(Policy):
 
     name = "random"
     stochastic = True
+    reads_kv = False  # only the candidates' count
     keeps_sinks: ClassVar[bool] = True
 
     def scores(self, x: EvictionInputs) -> torch.Tensor:

@@ -19,6 +19,7 @@ class StreamingLLM(Policy):
 
     name = "streamingllm"
     positional = True
+    reads_kv = False  # only the candidates' count
 
     def scores(self, x: EvictionInputs) -> torch.Tensor:
         n = x.keys.shape[-2]
