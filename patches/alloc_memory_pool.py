@@ -4,6 +4,9 @@ Right after the KV pool exists and before attention backends and CUDA graphs are
 ring's writes are captured into the decode graph. The ring has one row per request that can evict
 at once (``engine.memory``: pool // (B + R), at most one per running request), plus the scratch row;
 its bytes were charged to the KV budget before the pool was sized (``config_from_budget``).
+
+Where the Triton kernels run, they are compiled here, at this server's shapes (``evictor.warm_up``),
+so that no eviction stalls the scheduler on a compile.
 """
 
 import logging
@@ -12,7 +15,9 @@ from sglang.srt.runtime_context import get_parallel
 
 from sglang_vase.config import server_defaults
 from sglang_vase.engine import state
+from sglang_vase.engine.evictor import warm_up
 from sglang_vase.engine.memory import ModelShape
+from sglang_vase.kernels._dispatch import use_triton
 
 TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
 HOOK_TYPE = "AFTER"
@@ -45,6 +50,12 @@ def hook(result, self, *args, **kwargs):
         device=self.device,
         head_offset=kv_head_offset(parallel.tp_rank, parallel.tp_size, self.model_config.get_total_num_kv_heads()),
     )
+    layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
+    k_buffers = [pool.get_key_buffer(l) for l in layers]
+    if use_triton(k_buffers[0]):
+        seconds = warm_up(k_buffers, [pool.get_value_buffer(l) for l in layers], state.DEVICE, defaults)
+        logger.info("sglang-vase: eviction kernels compiled for this server's shapes in %.1f s (lengths and "
+                    "batch sizes are not compiled in: nothing compiles while serving)", seconds)
     kv_bytes = self.max_total_num_tokens * shape.kv_cell_bytes(pool.store_dtype.itemsize)
     ring = state.DEVICE.ring_bytes
     logger.info(

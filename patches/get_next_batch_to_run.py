@@ -25,7 +25,9 @@ no tree slot: its tree lock is released before its fresh slots are allocated (so
 back the prefix only it held), and it owns its whole row from then on. A compacted row never enters
 the tree (``skip_radix_cache_insert``). A request whose eviction fails is aborted (HTTP 500 with the
 reason) through SGLang's own finish path, which frees its slots; the scheduler and every other
-request go on.
+request go on. With tensor parallelism the ranks agree on failed and deferred requests (a MAX
+all-reduce of host integers on the TP group's CPU group, twice per batch) before anything is
+aborted or lowered, so every rank keeps running the same batch.
 """
 
 import logging
@@ -37,7 +39,7 @@ from sglang.srt.mem_cache.allocation import alloc_token_slots
 
 from sglang_vase import metrics
 from sglang_vase.engine import state
-from sglang_vase.engine.evictor import Eviction, evict
+from sglang_vase.engine.evictor import Eviction, agree_over, evict
 from sglang_vase.engine.state import request_state
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
@@ -91,6 +93,8 @@ def _evict(self, batch, due, reqs, in_flight) -> None:
         state.DEVICE,
         workspace_bytes=due[0].state.params.workspace_mb << 20,
         claim=lambda members: _claim(self, members, reqs),
+        # Tensor parallelism: a failure on one rank only must abort the request on every rank.
+        agree=agree_over(self.tp_cpu_group) if self.tp_size > 1 else None,
     )
     allocator = self.token_to_kv_pool_allocator
     freed = round_.freed_slots()

@@ -12,9 +12,12 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from sglang_vase.config import VaseParams
-from sglang_vase.engine.evictor import DEFAULT_WORKSPACE_BYTES, FAULT_ENV, Eviction, _Shape, evict
+from sglang_vase.engine import evictor
+from sglang_vase.engine.evictor import DEFAULT_WORKSPACE_BYTES, FAULT_ENV, Eviction, _Shape, evict, warm_up
 from sglang_vase.engine.selection import should_evict
 from sglang_vase.engine.state import DeviceState, RequestState
 
@@ -252,3 +255,128 @@ def test_positional_policies_over_many_evictions(policy, sort_kept):
                 if policy == "streamingllm":
                     recent = set(range(newest + 1 - (budget - n_sink), newest + 1))
                     assert kept == set(range(n_sink)) | recent, f"seed {seed} at position {newest}"
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Records every op that takes a host tensor and returns a device one: a host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in ins) and any(t.device.type != "cpu" for t in outs):
+            self.copies.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("policy", ["vase", "snapkv", "rkv", "vase-adaptive", "curdkv", "streamingllm"])
+def test_a_round_never_waits_for_the_device(policy, monkeypatch):
+    """A round on the meta device, whose tensors hold no data: any host read of device data (an
+    ``.item()``, a ``.tolist()``, a tensor in an ``if``) raises, so the round syncs with the device
+    nowhere. Its only host-to-device copies are the batches' per-request scalars (pinned and
+    non-blocking on CUDA); the deferral path (a member without fresh slots) indexes on the host
+    instead of copying an index to the device."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch path: kernels cannot run on meta tensors
+    batches = []
+    monkeypatch.setattr(evictor, "_to_device", lambda host, dev: batches.append(1) or host.to(dev))
+    dev = "meta"
+    k_bufs = [torch.empty(POOL, H_KV, D, device=dev) for _ in range(LAYERS)]
+    v_bufs = [torch.empty(POOL, H_KV, D, device=dev) for _ in range(LAYERS)]
+    req_to_token = torch.empty(ROWS, 512, dtype=torch.int32, device=dev)
+    device = DeviceState(ROWS, 3, LAYERS, 8, H_Q, D, torch.float32, dev)
+    params = VaseParams(policy=policy, budget=32, window=8)
+    due = [Eviction(row=r, length=48, state=RequestState(params, seed=r, rid=f"r{r}", prefill_len=47,
+                                                         ring_row=device.bind_ring_row(r)), protected=20)
+           for r in (1, 3, 4)]
+
+    def claim(members):  # the first member gets no fresh slots: it is deferred
+        for m in members[1:]:
+            m.fresh = torch.empty(m.fresh_needed, dtype=torch.int64, device=dev)
+        return members[:1]
+
+    created_on_device = []  # torch.tensor(host data, device=...): a copy the dispatcher does not show
+
+    def watch(make):
+        def made(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor) and str(kwargs.get("device") or "cpu") != "cpu":
+                created_on_device.append(data)
+            return make(data, *args, **kwargs)
+        return made
+
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, watch(getattr(torch, name)))
+    with _HostToDevice() as transfers:
+        result = evict(due, req_to_token, k_bufs, v_bufs, device, claim=claim)
+    assert [e.state.rid for e in result.deferred] == ["r1"] and len(result.evicted) == 2 and not result.failed
+    assert len(transfers.copies) == len(batches) == 2, transfers.copies  # the batch, and its served members
+    assert created_on_device == []
+
+
+def _per_layer_round(params, seeds, rows, n, k_bufs, v_bufs, req_to_token, device):
+    """The round's semantics written the simplest way: each request alone, each layer alone, torch
+    references only (what the engine did before it batched layers)."""
+    from sglang_vase.engine.selection import select_keep
+    from sglang_vase.kernels.scoring import gather_candidates, gather_queries
+
+    policy = params.build_policy()
+    k, r = policy.n_keep, policy.window
+    for row, seed in zip(rows, seeds):
+        slots = req_to_token[row, :n].long()
+        cand = slots[: n - r]
+        last = torch.tensor([n - 1]) + device.position_offset[row]
+        positions = device.window_slots(last, r)
+        ring_rows = device.ring_row[[row]]
+        for layer in range(LAYERS):
+            keys = gather_candidates(k_bufs[layer : layer + 1], cand[None])[:, 0]
+            values = gather_candidates(v_bufs[layer : layer + 1], cand[None])[:, 0]
+            queries = gather_queries(device.ring[:, layer : layer + 1], ring_rows, positions)[:, 0]
+            keep = select_keep(policy, keys, values, queries, torch.tensor([seed]), torch.tensor([0]), layer)[0]
+            for buf, kept in ((k_bufs[layer], keys), (v_bufs[layer], values)):
+                buf[slots[:k]] = torch.stack([kept[0, h, keep[h]] for h in range(H_KV)], dim=1)
+        req_to_token[row, :policy.budget] = torch.cat([cand[:k], slots[n - r :]]).int()
+
+
+@pytest.mark.parametrize("policy", ["vase", "snapkv", "h2o", "rkv", "vase-adaptive", "curdkv", "vase-dkv", "random",
+                                    "streamingllm"])
+def test_one_round_keeps_what_each_layer_alone_keeps(policy):
+    """Batching every request and layer into one selection (and one compaction launch: the
+    interpreter on CPU) keeps exactly what evicting each request's layers one at a time keeps."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    budget, window, n, rows, seeds = 32, 8, 48, [1, 3, 4], [11, 12, 13]
+    params = VaseParams(policy=policy, budget=budget, window=window)
+    k_bufs, v_bufs, req_to_token, device = make_engine(seed, n, budget, window, rows)
+    want = [t.clone() for t in k_bufs + v_bufs], req_to_token.clone()
+    _per_layer_round(params, seeds, rows, n, want[0][:LAYERS], want[0][LAYERS:], want[1], device)
+    due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, _states(params, rows, device, n, seeds))]
+    evict(due, req_to_token, k_bufs, v_bufs, device)
+    assert torch.equal(req_to_token, want[1])
+    for got, expected in zip(k_bufs + v_bufs, want[0]):
+        assert torch.equal(got, expected), f"seed {seed}"
+
+
+def test_warm_up_touches_only_the_padding_slot():
+    """The startup warm-up runs a round of a dummy request on slot 0 (SGLang's padding slot) with a
+    scratch row: every other slot, every row and every offset is as before, and a real round after
+    it keeps what it keeps without it."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    budget, window, n, rows = 32, 8, 48, [1, 3]
+    params = VaseParams(policy="vase", budget=budget, window=window)
+
+    def run(warm):
+        k_bufs, v_bufs, req_to_token, device = make_engine(seed, n, budget, window, rows)
+        before = [t.clone() for t in k_bufs + v_bufs], req_to_token.clone(), device.position_offset.clone()
+        if warm:
+            assert warm_up(k_bufs, v_bufs, device, params) > 0
+            for got, old in zip(k_bufs + v_bufs, before[0]):
+                assert torch.equal(got[1:], old[1:])
+            assert torch.equal(req_to_token, before[1]) and torch.equal(device.position_offset, before[2])
+        due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, _states(params, rows, device, n))]
+        evict(due, req_to_token, k_bufs, v_bufs, device)
+        return [t[1:] for t in k_bufs + v_bufs] + [req_to_token]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b), f"seed {seed}"

@@ -220,12 +220,12 @@ def compile_for_sm90():
 
     for dt, f32, block_n in (("bf16", False, 64), ("fp16", False, 64), ("fp32", True, 32)):
         types = pointer_types(dt)
-        common = dict(LAYERS=40, GROUP=5, D=128, BLOCK_D=128, BLOCK_W=64, BLOCK_N=block_n, F32=f32)
+        common = dict(GROUP=5, D=128, BLOCK_D=128, BLOCK_W=64, BLOCK_N=block_n, F32=f32)
         build(scoring._stats_kernel, types, dict(H_Q=40, **common), scoring.NUM_WARPS)
         build(scoring._probs_kernel, types, dict(H_KV=8, BLOCK_S=16, **common), scoring.NUM_WARPS)
     for storage in ("i16", "i32", "u8"):  # compaction moves the KV's bytes as integers
         build(compaction._compact_kernel, pointer_types(storage),
-              dict(LAYERS=40, H_KV=8, D=128, BLOCK_D=128, BLOCK_K=compaction.BLOCK_K), compaction.NUM_WARPS)
+              dict(H_KV=8, D=128, BLOCK_D=128, BLOCK_K=compaction.BLOCK_K), compaction.NUM_WARPS)
     build(scoring._smooth_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"}, dict(KERNEL=5, BLOCK=scoring.SMOOTH_BLOCK), 4)
     check_fp8_boundary()
 
@@ -248,7 +248,7 @@ def check_fp8_boundary():
     from sglang_vase.kernels._dispatch import triton_loads
 
     fn = scoring._stats_kernel
-    consts = dict(LAYERS=40, H_Q=40, GROUP=5, D=128, BLOCK_D=128, BLOCK_W=64, BLOCK_N=32, F32=True)
+    consts = dict(H_Q=40, GROUP=5, D=128, BLOCK_D=128, BLOCK_W=64, BLOCK_N=32, F32=True)
     for tl_type, dtype in (("fp8e4nv", torch.float8_e4m3fn), ("fp8e5", torch.float8_e5m2)):
         for capability in ((8, 0), (8, 6), (8, 9), (9, 0)):
             types = pointer_types(tl_type, queries="bf16")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sglang_vase.config import VaseParams
-from sglang_vase.engine.evictor import Eviction, evict
+from sglang_vase.engine.evictor import FAULT_ENV, Eviction, agree_over, evict
 from sglang_vase.engine.selection import should_evict
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.serving import free_port
@@ -104,3 +104,65 @@ def _rank(rank: int, port: int, policy: str, seed: int) -> None:
 def test_two_ranks_keep_what_one_process_keeps(policy):
     seed = int.from_bytes(os.urandom(4), "little")
     mp.spawn(_rank, args=(free_port(), policy, seed), nprocs=WORLD, join=True)
+
+
+# A round of four requests evicting together; on one rank only, the selection of "r1" fails (an
+# out-of-memory, say), and on the other the compaction of "r2"'s batch (one request per batch).
+FAULTS = {0: "select:r1", 1: "apply:r2"}
+ROUND = [(1, 40, 24, 8), (2, 40, 24, 8), (3, 40, 24, 8), (4, 40, 24, 8)]
+
+
+def _round_with_faults(rank: int, agree) -> dict:
+    g = torch.Generator().manual_seed(5)
+    h_local = H_KV // WORLD
+    heads = slice(rank * h_local, (rank + 1) * h_local)
+    k_bufs = [torch.randn(POOL, H_KV, D, generator=g)[:, heads].contiguous() for _ in range(LAYERS)]
+    v_bufs = [torch.randn(POOL, H_KV, D, generator=g)[:, heads].contiguous() for _ in range(LAYERS)]
+    device = DeviceState(ROWS, len(ROUND), LAYERS, 8, h_local * GROUP, D, torch.float32, "cpu", head_offset=heads.start)
+    device.ring.copy_(torch.randn(device.ring.shape[:3] + (H_KV * GROUP, D), generator=g)[
+        :, :, :, heads.start * GROUP : heads.stop * GROUP])
+    req_to_token = torch.zeros(ROWS, 256, dtype=torch.int32)
+    slots = torch.randperm(POOL - 1, generator=g) + 1
+    due = []
+    for i, (row, n, budget, window) in enumerate(ROUND):
+        req_to_token[row, :n] = slots[i * n : (i + 1) * n].int()
+        st = RequestState(VaseParams(policy="vase", budget=budget, window=window), seed=i, rid=f"r{i}",
+                          prefill_len=n - 1, ring_row=device.bind_ring_row(row))
+        due.append(Eviction(row=row, length=n, state=st))
+    before = req_to_token.clone()
+    os.environ[FAULT_ENV] = FAULTS[rank]
+    try:
+        # 1-byte workspace: one request per batch, so the compaction failure is r2's alone.
+        result = evict(due, req_to_token, k_bufs, v_bufs, device, workspace_bytes=1, agree=agree)
+    finally:
+        del os.environ[FAULT_ENV]
+    failed = sorted(e.state.rid for e, _ in result.failed)
+    untouched = [e.state.rid for e in due if torch.equal(req_to_token[e.row], before[e.row])]
+    return {"failed": failed, "evicted": sorted(e.state.rid for e in result.evicted), "untouched": untouched,
+            "freed": int(result.freed_slots().numel()), "offsets": device.position_offset.tolist(),
+            "evictions": [e.state.evictions for e in due]}
+
+
+def _agreement_rank(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ["TRITON_INTERPRET"] = "0"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        everyone = [None] * WORLD
+        dist.all_gather_object(everyone, _round_with_faults(rank, agree=None))
+        # Alone, each rank aborts only what failed there: their batches would differ from then on.
+        assert everyone[0]["failed"] == ["r1"] and everyone[1]["failed"] == ["r2"], everyone
+        dist.all_gather_object(everyone, _round_with_faults(rank, agree=agree_over(dist.group.WORLD)))
+        assert everyone[0] == everyone[1], everyone  # same aborts, evictions, freed slots, offsets
+        mine = everyone[rank]
+        assert mine["failed"] == ["r1", "r2"] and mine["evicted"] == ["r0", "r3"]
+        # Neither failed request's row changed on any rank: r2, compacted on rank 0, was put back.
+        assert mine["untouched"] == ["r1", "r2"] and mine["evictions"] == [1, 0, 0, 1]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_failure_that_happens_on_one_of_them():
+    """An eviction that fails on one tensor-parallel rank only is aborted on every rank (one MAX
+    all-reduce per phase on the CPU group), so the ranks keep running the same batches."""
+    mp.spawn(_agreement_rank, args=(free_port(),), nprocs=WORLD, join=True)

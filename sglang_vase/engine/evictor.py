@@ -56,12 +56,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from sglang_vase.config import VaseParams
 from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_, score_candidates
@@ -139,6 +141,16 @@ class RoundResult:
 Claim = Callable[[list[Eviction]], list[Eviction]]
 # agree(codes) -> the element-wise maximum of ``codes`` (int64, CPU) over the tensor-parallel ranks.
 Agree = Callable[[torch.Tensor], torch.Tensor]
+
+
+def agree_over(group) -> Agree:
+    """``Agree`` over a torch.distributed process group (SGLang's TP group's CPU group: gloo)."""
+
+    def agree(codes: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(codes, op=torch.distributed.ReduceOp.MAX, group=group)
+        return codes
+
+    return agree
 
 
 class RankDisagreement(RuntimeError):
@@ -339,10 +351,8 @@ class _Batch:
     def __init__(self, members: list[Eviction], shape: _Shape, req_to_token: torch.Tensor, device: DeviceState):
         self.members, self.shape, self.req_to_token, self.device = members, shape, req_to_token, device
         dev = req_to_token.device
-        host = torch.tensor([[e.row, e.state.ring_row, e.state.seed, e.state.evictions, e.pinned, e.length]
-                             for e in members], dtype=torch.int64)
-        # One copy for all per-request scalars; pinned, so it does not wait for the device.
-        host = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        host = _to_device(torch.tensor([[e.row, e.state.ring_row, e.state.seed, e.state.evictions, e.pinned,
+                                         e.length] for e in members], dtype=torch.int64), dev)
         self.rows, self.ring_rows, self.seeds, self.evictions, self.starts, self.lengths = host.unbind(1)
         g, r = shape.g, shape.policy.window
         columns = self.starts[:, None] + torch.arange(g, device=dev)
@@ -390,7 +400,8 @@ class _Batch:
             else:
                 queries = ring.new_zeros(()).expand(bq, len(layers), (h1 - h0) * shape.group, policy.window, d)
         return select_keep(policy, keys, values, queries, self.seeds, self.evictions, layers,
-                           precomputed=precomputed, head_offset=self.device.head_offset + h0)
+                           precomputed=precomputed, head_offset=self.device.head_offset + h0,
+                           fused_noise=shape.triton)
 
     def apply(self, keeps: torch.Tensor, k_buffers, v_buffers, scratch_budget: int) -> list[torch.Tensor]:
         """Compact every layer and rewrite the rows; returns each member's freed slot ids."""
@@ -463,6 +474,15 @@ class _Batch:
         return torch.stack(targets), torch.stack(sources), torch.stack(rows), freed
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The round's only host-to-device copy (a batch's per-request scalars): from pinned memory and
+    non-blocking on CUDA, so that it does not wait for the forward in flight (a pageable copy
+    would)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _storage(buf: torch.Tensor) -> torch.Tensor:
     """The buffer as same-size integers: compaction moves bytes, whatever the KV dtype (fp8 too)."""
     return buf.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[buf.element_size()])
@@ -493,3 +513,27 @@ def discard_trace(state: RequestState) -> None:
         path = _trace_path(state, state.evictions)
         if os.path.exists(path):
             os.remove(path)
+
+
+def warm_up(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], device: DeviceState,
+            server: VaseParams) -> float:
+    """Compile the Triton kernels at this server's shapes before it serves: one round of a dummy
+    request whose every column is slot 0 (SGLang's padding slot, which absorbs dummy writes),
+    through the engine's own code path (same dtypes, head counts, ring and strides), with a scratch
+    req_to_token row. Lengths, counts and batch-dependent strides are never compiled in
+    (``do_not_specialize``), so no later round compiles. Returns the seconds it took."""
+    start = time.perf_counter()
+    # vase runs every kernel: scoring, noise, compaction
+    params = VaseParams(policy="vase", budget=server.budget, window=server.window, workspace_mb=server.workspace_mb)
+    length = params.budget + params.window
+    table = torch.zeros(1, length, dtype=torch.int32, device=k_buffers[0].device)
+    state = RequestState(params, seed=0, rid="sglang-vase-warm-up", prefill_len=length - 1)
+    offset = device.position_offset[0].clone()
+    result = evict([Eviction(row=0, length=length, state=state)], table, k_buffers, v_buffers, device,
+                   workspace_bytes=params.workspace_mb << 20)
+    device.position_offset[0] = offset
+    if result.failed:
+        raise RuntimeError("sglang-vase: the kernel warm-up failed") from result.failed[0][1]
+    if k_buffers[0].is_cuda:
+        torch.cuda.synchronize(k_buffers[0].device)
+    return time.perf_counter() - start

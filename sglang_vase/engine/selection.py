@@ -34,6 +34,7 @@ def select_keep(
     check: bool = False,
     precomputed: dict | None = None,
     head_offset: int = 0,
+    fused_noise: bool = False,
 ) -> torch.Tensor:
     """Keep sets of one layer, or of a range of layers at once, for a batch of requests.
 
@@ -44,6 +45,7 @@ def select_keep(
     seeds, evictions: int64 ``[B]``: request seed and how many evictions it has had before this one.
     precomputed: scores the engine's Triton kernel already computed (``Policy.kernel_scoring``).
     head_offset: global index of the first KV head given (a tensor-parallel rank's or a chunk's).
+    fused_noise: draw the noise with its Triton twin (``kernels.noise``; the same numbers).
     Returns int64 ``[B, H_kv, budget - window]`` (``[B, len(layer), H_kv, budget - window]``).
     """
     last = layer if isinstance(layer, int) else layer.stop - 1
@@ -56,4 +58,4 @@ def select_keep(
         seeds = seeds[:, None].expand(-1, len(layer))
         step = step[:, None] + torch.arange(layer.start, layer.stop, device=step.device)
     return policy.select_batched(keys, values, queries, seeds, step, check=check, precomputed=precomputed,
-                                 head_offset=head_offset)
+                                 head_offset=head_offset, fused_noise=fused_noise)

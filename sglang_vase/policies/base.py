@@ -60,6 +60,9 @@ class EvictionInputs:
     # Scores computed elsewhere from the same inputs (the engine's Triton scoring kernel), keyed
     # as the two methods below key them; anything absent is computed by the torch reference.
     precomputed: dict = field(default_factory=dict)
+    # Draw the noise's uniforms with the Triton kernel (the same numbers in one launch) instead of
+    # the torch reference's fifty tensor ops: the engine does where its kernels run.
+    fused_noise: bool = False
 
     def attention_scores(self, temperature: float, kernel: int) -> torch.Tensor:
         """``scoring.attention_scores`` of these candidates and queries."""
@@ -80,10 +83,14 @@ class EvictionInputs:
         heads ``head_offset + h`` (the same whichever rank or chunk holds a head).
         """
         step = self.step if per_eviction else torch.zeros_like(self.step)
-        draw = getattr(noise, kind)
+        draw, source = getattr(noise, kind), {}
+        if self.fused_noise:
+            from sglang_vase.kernels.noise import hashed_uniform as fused
+
+            draw, source = (fused, {}) if kind == "hashed_uniform" else (draw, {"uniform": fused})
         if per_head:
-            return draw(self.seed, step * 64 + stream, shape, offset=self.head_offset * math.prod(shape[1:]))
-        return draw(self.seed, step * 64 + stream, shape)
+            return draw(self.seed, step * 64 + stream, shape, offset=self.head_offset * math.prod(shape[1:]), **source)
+        return draw(self.seed, step * 64 + stream, shape, **source)
 
 
 class Policy:
@@ -191,6 +198,7 @@ class Policy:
         check: bool = True,
         precomputed: dict | None = None,
         head_offset: int = 0,
+        fused_noise: bool = False,
     ) -> torch.Tensor:
         """Batched form: ``[..., H_kv, N, D]`` -> int64 ``[..., H_kv, budget - window]``.
 
@@ -198,6 +206,7 @@ class Policy:
         (shape checks always run). ``precomputed``: see ``EvictionInputs`` and ``kernel_scoring``.
         ``head_offset``: global index of the first KV head given (see ``EvictionInputs``); heads are
         independent, so any split of the heads keeps exactly what one call over all of them keeps.
+        ``fused_noise``: see ``EvictionInputs`` (the same keep sets).
         """
         self.validate(keys, values, queries, check_finite=check)
         batch = keys.shape[:-3]
@@ -209,6 +218,7 @@ class Policy:
             torch.as_tensor(step, dtype=torch.int64, device=keys.device).expand(batch),
             head_offset,
             precomputed or {},
+            fused_noise,
         )
         return self.select_from_scores(x, self.scores(x), self.pin_scores(x) if self.n_pinned else None)
 

@@ -13,6 +13,8 @@ intermediate non-negative, so shifts are logical and the low 32 bits of products
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -41,7 +43,7 @@ def hashed_uniform(
 
     Element ``i`` (row-major over ``shape``) is the hash of ``offset + i``: a slice of a larger draw
     is that slice's numbers. Values lie strictly inside (0, 1), so ``log`` and ``-log(-log(u))`` are
-    finite.
+    finite. ``kernels.noise.hashed_uniform`` computes the same numbers in one Triton launch.
     """
     seed = torch.as_tensor(seed, dtype=torch.int64)
     stream = torch.as_tensor(stream, dtype=torch.int64, device=seed.device)
@@ -56,18 +58,24 @@ def hashed_uniform(
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def gumbel(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
+# Draws take the uniform source as an argument: this module's, or its Triton twin (same numbers).
+Uniform = Callable[[torch.Tensor, torch.Tensor, tuple, int], torch.Tensor]
+
+
+def gumbel(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...], offset: int = 0,
+           uniform: Uniform = hashed_uniform) -> torch.Tensor:
     """Standard Gumbel noise: ``-log(-log(U))``."""
-    return -torch.log(-torch.log(hashed_uniform(seed, stream, shape, offset)))
+    return -torch.log(-torch.log(uniform(seed, stream, shape, offset)))
 
 
-def normal(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def normal(seed: torch.Tensor, stream: torch.Tensor, shape: tuple[int, ...],
+           uniform: Uniform = hashed_uniform) -> torch.Tensor:
     """Standard normal noise by Box-Muller over two halves of one hashed uniform draw.
 
     Both uniforms come from ``stream`` itself (not from derived streams such as ``2 * stream``,
     which would coincide with the streams that other draws use and correlate them).
     """
-    u = hashed_uniform(seed, stream, (2, *shape))
+    u = uniform(seed, stream, (2, *shape), 0)
     u1, u2 = u.unbind(dim=torch.as_tensor(seed).dim())
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
