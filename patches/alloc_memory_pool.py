@@ -15,7 +15,7 @@ from sglang.srt.runtime_context import get_parallel
 
 from sglang_vase.config import server_defaults
 from sglang_vase.engine import state
-from sglang_vase.engine.evictor import warm_up
+from sglang_vase.engine.evictor import requests_per_batch, warm_up
 from sglang_vase.engine.memory import ModelShape
 from sglang_vase.kernels._dispatch import use_triton
 
@@ -60,10 +60,13 @@ def hook(result, self, *args, **kwargs):
     ring = state.DEVICE.ring_bytes
     logger.info(
         "sglang-vase: query ring %d rows + 1 scratch (pool %d tokens // (B %d + R %d), at most %d running) "
-        "x %s %s = %.1f MiB, %.2f%% of the KV pool (%.1f MiB); eviction workspace %.0f MiB",
+        "x %s %s = %.1f MiB, %.2f%% of the KV pool (%.1f MiB); eviction workspace %.0f MiB: up to %d requests "
+        "of the default policy per eviction batch, each batch a fixed number of kernel launches for all layers "
+        "(a larger --vase-workspace-mb batches more)",
         ring_rows, self.max_total_num_tokens, defaults.budget, defaults.window, rows - 1,
         tuple(state.DEVICE.ring.shape[1:]), self.model_config.dtype, ring / 2**20,
         100.0 * ring / max(kv_bytes, 1), kv_bytes / 2**20, plan.workspace_bytes / 2**20,
+        requests_per_batch(defaults, k_buffers[0], state.DEVICE, len(k_buffers)),
     )
 
 

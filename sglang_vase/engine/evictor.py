@@ -28,7 +28,8 @@ selection over ``[Bq, L, H_kv, N]``, one compaction launch, so its kernel launch
 the layer count (``benchmarks/bench_kernels.py --rounds`` counts them). It runs in phases so that a
 failure hurts only the request it belongs to:
 1. select: the keep sets of every layer, reading the pool only. If it raises for a batch, each
-   member is retried alone and only the members that still fail are reported.
+   member is retried alone and only the members that still fail are reported; the others then go
+   through the next phases one at a time, so that a failure there stays with its request too.
 2. claim: the caller hands out fresh slots (and releases the tree slots the members stop reading).
 3. apply: compaction and row rewrite. If it raises, the batch's members are reported (their KV may
    be half compacted; their rows and lengths are untouched, so their slots free normally; the
@@ -42,8 +43,8 @@ there alone, so ``agree`` (a MAX all-reduce over the TP group's CPU group, on ho
 device sync) makes them agree after phase 1 (a member that failed anywhere is failed everywhere,
 before any rank claims or writes for it) and after phase 3 (a member evicted on one rank but failed
 or deferred on another is failed everywhere: where it was compacted its row is restored, so every
-rank frees the same slots when it is aborted). Each batch calls ``agree`` exactly twice on every
-rank, whatever happened locally.
+rank frees the same slots when it is aborted). Every rank calls ``agree`` the same number of times,
+whatever happened locally: once after phase 1, once per claim-and-apply group after phase 3.
 
 Transient memory is bounded by ``workspace_bytes``: requests are split into batches, and a single
 request's layers (and, if need be, KV heads) into selection chunks (heads are independent and draw
@@ -181,6 +182,14 @@ def evict(
     return result
 
 
+def requests_per_batch(params: VaseParams, k_buf: torch.Tensor, device: DeviceState, layers: int) -> int:
+    """How many requests of ``params`` one batch evicts at their steady-state trigger (n - q = B + R)
+    within the workspace: each batch costs a fixed number of kernel launches (what the startup log
+    tells a user who weighs ``--vase-workspace-mb``)."""
+    shape = _Shape.of(params.build_policy(), params.budget + params.window, k_buf, device, layers)
+    return shape.plan(params.workspace_mb << 20).requests
+
+
 @dataclass(frozen=True)
 class _Plan:
     requests: int  # per batch
@@ -213,8 +222,10 @@ class _Shape:
         """(one layer's selection, one layer's keep set held to the end, one layer's torch
         compaction temporary) per request and KV head."""
         n, k, w, g, d = self.g - self.policy.window, self.policy.n_keep, self.policy.window, self.group, self.head_dim
-        # scores, pin scores, noise with its int64 hash temporaries, keys, top-k values and indices (fp32)
-        select = 12 * n * 4
+        # The selection's temporaries: pin scores, noise, keys, top-k values and indices, the keep set.
+        # Measured with the torch profiler over [1, 40, 8, 4096] scores: 12 (snapkv), 32 (vase) and 54
+        # (vase-adaptive, its median) bytes per candidate; 56 bounds them all.
+        select = 56 * n
         if self.scored:
             select += 2 * n * 4  # attention and value range, held while the chunk selects
             if not self.triton:  # the reference gathers K, V and the queries, and forms the [W, N] softmax
@@ -278,11 +289,17 @@ def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, devic
         if failed_anywhere[i][0] != _OK:
             result.failed.append((members[i], errors.get(i) or RankDisagreement(
                 "eviction failed for this request on another tensor-parallel rank")))
-    if not survivors:
-        return
-    keeps = _rows(keeps, survivors)
-    members = [members[i] for i in survivors]
+    if len(survivors) == len(members):
+        _claim_and_apply(members, keeps, shape, plan, req_to_token, k_buffers, v_buffers, device, claim, agree,
+                         result)
+    else:  # after a failure (on any rank: every rank takes this branch) the others go on one at a time
+        for i in survivors:
+            _claim_and_apply([members[i]], _rows(keeps, [i]), shape, plan, req_to_token, k_buffers, v_buffers,
+                             device, claim, agree, result)
 
+
+def _claim_and_apply(members, keeps, shape, plan, req_to_token, k_buffers, v_buffers, device, claim, agree,
+                     result) -> None:
     # 2. claim
     status = [_OK] * len(members)
     if claim is not None and any(m.fresh_needed or m.protected_after < m.protected for m in members):
@@ -295,8 +312,7 @@ def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, devic
     if served:
         batch = _Batch([members[i] for i in served], shape, req_to_token, device)
         try:
-            freed = batch.apply(_rows(keeps, served) if len(served) < len(members) else keeps, k_buffers,
-                                v_buffers, plan.scratch_bytes)
+            freed = batch.apply(_rows(keeps, served), k_buffers, v_buffers, plan.scratch_bytes)
         except Exception as e:  # noqa: BLE001
             error = e
             for i in served:
@@ -304,10 +320,7 @@ def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, devic
 
     # 4. agree, then commit the members evicted on every rank
     outcome = _agree(agree, status)
-    committed = []
-    for j, i in enumerate(served):
-        if status[i] == _OK and outcome[i][0] == _OK:
-            committed.append(j)
+    committed = [j for j, i in enumerate(served) if status[i] == _OK and outcome[i][0] == _OK]
     for i, m in enumerate(members):
         high, low = outcome[i]
         if high == low == _DEFERRED:
@@ -341,8 +354,8 @@ def _rows(keeps, index: list[int]) -> torch.Tensor:
     if isinstance(keeps, torch.Tensor):
         if index == list(range(keeps.shape[0])):
             return keeps
-        return torch.stack([keeps[i] for i in index])
-    return torch.cat([keeps[i] for i in index])
+        return keeps[index[0] : index[0] + 1] if len(index) == 1 else torch.stack([keeps[i] for i in index])
+    return keeps[index[0]] if len(index) == 1 else torch.cat([keeps[i] for i in index])
 
 
 class _Batch:
