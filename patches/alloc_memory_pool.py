@@ -15,9 +15,8 @@ from sglang.srt.runtime_context import get_parallel
 
 from sglang_vase.config import server_defaults
 from sglang_vase.engine import state
-from sglang_vase.engine.evictor import requests_per_batch, warm_up
+from sglang_vase.engine.evictor import requests_per_batch, runs_triton, warm_up
 from sglang_vase.engine.memory import ModelShape
-from sglang_vase.kernels._dispatch import use_triton
 
 TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
 HOOK_TYPE = "AFTER"
@@ -52,7 +51,7 @@ def hook(result, self, *args, **kwargs):
     )
     layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
     k_buffers = [pool.get_key_buffer(l) for l in layers]
-    if use_triton(k_buffers[0]):
+    if runs_triton(k_buffers[0]):
         seconds = warm_up(k_buffers, [pool.get_value_buffer(l) for l in layers], state.DEVICE, defaults)
         logger.info("sglang-vase: eviction kernels compiled for this server's shapes in %.1f s (lengths and "
                     "batch sizes are not compiled in: nothing compiles while serving)", seconds)

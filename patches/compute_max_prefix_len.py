@@ -21,5 +21,6 @@ def hook(result, self, *args, **kwargs):
     st = request_state(self)
     if st is None:
         return None
-    start = st.first_window_start(self.sampling_params.max_new_tokens - len(self.output_ids))
+    max_new = self.sampling_params.max_new_tokens
+    start = st.first_window_start((1 << 30 if max_new is None else max_new) - len(self.output_ids))
     return None if start is None or start >= result else start

@@ -26,8 +26,8 @@ back the prefix only it held), and it owns its whole row from then on. A compact
 the tree (``skip_radix_cache_insert``). A request whose eviction fails is aborted (HTTP 500 with the
 reason) through SGLang's own finish path, which frees its slots; the scheduler and every other
 request go on. With tensor parallelism the ranks agree on failed and deferred requests (a MAX
-all-reduce of host integers on the TP group's CPU group, twice per batch) before anything is
-aborted or lowered, so every rank keeps running the same batch.
+all-reduce of host integers on the TP group's CPU group, after selection and after compaction)
+before anything is aborted or lowered, so every rank keeps running the same batch.
 """
 
 import logging

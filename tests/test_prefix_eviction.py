@@ -205,3 +205,44 @@ def test_the_prefix_match_stops_where_the_first_query_window_starts(policy, keep
     if expected is not None:  # the window the engine reads at its first trigger starts exactly there
         first = next(n for n in range(prefill, 400) if st.due(n))
         assert first - params.window == expected
+
+
+def test_a_tree_slot_another_request_released_is_only_reused_after_it_was_read(monkeypatch):
+    """B and C read their prompts from the tree; each releases its tree lock when it claims fresh
+    slots, and the tree may hand B's released slots to C. C must not write them before B has read
+    them: members that read tree slots claim and compact one at a time. (With the compaction's
+    programs forced to 5, C's rows would otherwise run before B's rows of the same layer and head.)"""
+    from sglang_vase.kernels import compaction
+
+    monkeypatch.setattr(compaction, "num_programs", lambda rows, *args, **kwargs: min(rows, 5))
+    seed = int.from_bytes(os.urandom(4), "little")
+    params = VaseParams(policy="vase", budget=BUDGET, window=WINDOW)
+    prompt, n = 37, 40
+    pool = Pool(seed)
+    ring = torch.randn(pool.device.ring.shape[1:], generator=pool.g)
+    rows = {}  # name -> (row, data, tree slots)
+    for name, row, twin in (("b", 2, 1), ("c", 3, 4)):
+        data = _sequence(pool.g, n)
+        pool.fill(twin, pool.take(n), data)  # a twin owning every slot: what the request must keep
+        tree = pool.take(prompt)
+        pool.fill(row, torch.cat([tree, pool.take(n - prompt)]), data)
+        rows[name] = (row, twin, tree)
+    states = {row: _request(pool, row, 3, params, 0, ring) for row in (1, 2, 3, 4)}
+    released = []  # tree slots whose lock was released, handed out again first
+
+    def claim(members):
+        for e in members:
+            released.extend(rows["b" if e.row == 2 else "c"][2].tolist())
+            reuse, released[:] = released[: e.fresh_needed], released[e.fresh_needed :]
+            e.fresh = torch.cat([torch.tensor(reuse, dtype=torch.int64), pool.take(e.fresh_needed - len(reuse))])
+        return []
+
+    due = [Eviction(1, n, states[1]), Eviction(4, n, states[4]), Eviction(2, n, states[2], protected=prompt),
+           Eviction(3, n, states[3], protected=prompt)]
+    result = evict(due, pool.req_to_token, pool.k, pool.v, pool.device, claim=claim)
+    assert len(result.evicted) == 4 and not result.failed
+    assert set(due[3].fresh.tolist()) & set(rows["b"][2].tolist()), "C was not handed B's released slots"
+    for name in ("b", "c"):
+        row, twin, _ = rows[name]
+        for got, want in zip(pool.row_kv(row, BUDGET), pool.row_kv(twin, BUDGET)):
+            assert torch.equal(got, want), f"seed {seed}: {name} kept other KV than its twin"

@@ -64,12 +64,12 @@ from typing import Callable
 
 import torch
 
-from sglang_vase.config import VaseParams
+from sglang_vase.config import DEFAULT_WORKSPACE_MB, VaseParams
 from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_, score_candidates
-from sglang_vase.kernels.compaction import num_programs, scratch_bytes
-from sglang_vase.kernels.scoring import gather_candidates, gather_queries
+from sglang_vase.kernels.compaction import scratch_bytes
+from sglang_vase.kernels.scoring import MAX_SPLITS, gather_candidates, gather_queries
 from sglang_vase.kernels._dispatch import use_triton
 from sglang_vase.policies.base import Policy
 
@@ -83,7 +83,7 @@ TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
 # stays theirs.
 FAULT_ENV = "SGLANG_VASE_TEST_FAIL_EVICTION"
 # Default bound on an eviction round's transient memory (``--vase-workspace-mb``).
-DEFAULT_WORKSPACE_BYTES = 256 << 20
+DEFAULT_WORKSPACE_BYTES = DEFAULT_WORKSPACE_MB << 20
 # The compaction kernel's scratch takes at most this share of the workspace.
 SCRATCH_SHARE = 4
 
@@ -210,13 +210,14 @@ class _Shape:
     head_dim: int
     itemsize: int
     scored: bool  # attention and value range come from ``score_candidates``
-    triton: bool  # Triton kernels (scoring, compaction) instead of the torch references
+    scoring_kernel: bool  # ... from its Triton kernel (not for fp8 e4m3 below compute capability 8.9)
+    triton: bool  # the device runs the Triton kernels: compaction (raw bytes, any dtype) and noise
 
     @classmethod
     def of(cls, policy: Policy, g: int, k_buf: torch.Tensor, device: DeviceState, layers: int) -> "_Shape":
         h_kv, d = k_buf.shape[1], k_buf.shape[2]
         return cls(policy, g, layers, h_kv, device.ring.shape[3] // h_kv, d, k_buf.element_size(),
-                   policy.kernel_scoring() is not None, use_triton(k_buf))
+                   policy.kernel_scoring() is not None, use_triton(k_buf), runs_triton(k_buf))
 
     def per_head_bytes(self) -> tuple[int, int, int]:
         """(one layer's selection, one layer's keep set held to the end, one layer's torch
@@ -227,13 +228,16 @@ class _Shape:
         # (vase-adaptive, its median) bytes per candidate; 56 bounds them all.
         select = 56 * n
         if self.scored:
-            select += 2 * n * 4  # attention and value range, held while the chunk selects
-            if not self.triton:  # the reference gathers K, V and the queries, and forms the [W, N] softmax
+            # attention (and its unsmoothed copy) and value range, held while the chunk selects
+            select += 3 * n * 4
+            if self.scoring_kernel:  # pass 1's partial softmax statistics
+                select += g * MAX_SPLITS * w * 8
+            else:  # the reference gathers K, V and the queries, and forms the [W, N] softmax
                 select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
                 select += 2 * g * w * n * 4
         if self.policy.reads_kv:  # gathered K/V and their fp32 copies, GQA-repeated keys
             select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
-        keep = (k + w) * 8  # with the copy-on-evict tail columns
+        keep = 3 * (k + w) * 8  # the keep set, and on the copy-on-evict path two shifted copies
         temp = 0 if self.triton else 2 * (k + w) * d * self.itemsize
         return select, keep, temp
 
@@ -268,10 +272,12 @@ class _Shape:
 
 def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, device, claim, agree, result) -> None:
     # 1. select, each member alone if the batch fails
-    keeps, errors = None, {}
+    batch, keeps, errors = None, None, {}
     try:
-        keeps = _Batch(members, shape, req_to_token, device).select(k_buffers, v_buffers, plan)
+        batch = _Batch(members, shape, req_to_token, device)
+        keeps = batch.select(k_buffers, v_buffers, plan)
     except Exception as e:  # noqa: BLE001 -- reported to the caller, which aborts the request
+        batch = None
         if len(members) == 1:
             errors[0] = e
         else:
@@ -289,29 +295,42 @@ def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, devic
         if failed_anywhere[i][0] != _OK:
             result.failed.append((members[i], errors.get(i) or RankDisagreement(
                 "eviction failed for this request on another tensor-parallel rank")))
-    if len(survivors) == len(members):
-        _claim_and_apply(members, keeps, shape, plan, req_to_token, k_buffers, v_buffers, device, claim, agree,
-                         result)
-    else:  # after a failure (on any rank: every rank takes this branch) the others go on one at a time
-        for i in survivors:
-            _claim_and_apply([members[i]], _rows(keeps, [i]), shape, plan, req_to_token, k_buffers, v_buffers,
-                             device, claim, agree, result)
+    # Members that read radix-tree columns claim fresh slots after their tree lock is released, so a
+    # member's fresh slots may be tree slots another member of the batch still reads: they go one at
+    # a time, each compacted before the next one claims (every rank decides alike: host state).
+    # After a failure (on any rank) the others go one at a time too, so that a failure in the next
+    # phases stays with its request.
+    alone = [i for i in survivors if members[i].protected > members[i].pinned]
+    together = [i for i in survivors if i not in alone]
+    if len(survivors) < len(members):
+        alone, together = survivors, []
+    if together:
+        reuse = batch if len(together) == len(members) else None
+        _claim_and_apply([members[i] for i in together], _rows(keeps, together), shape, plan, req_to_token,
+                         k_buffers, v_buffers, device, claim, agree, result, reuse)
+    for i in alone:
+        _claim_and_apply([members[i]], _rows(keeps, [i]), shape, plan, req_to_token, k_buffers, v_buffers,
+                         device, claim, agree, result)
 
 
 def _claim_and_apply(members, keeps, shape, plan, req_to_token, k_buffers, v_buffers, device, claim, agree,
-                     result) -> None:
+                     result, batch: "_Batch | None" = None) -> None:
     # 2. claim
-    status = [_OK] * len(members)
+    status, error = [_OK] * len(members), None
     if claim is not None and any(m.fresh_needed or m.protected_after < m.protected for m in members):
-        unserved = claim(members)
-        status = [_DEFERRED if m in unserved else _OK for m in members]
+        try:
+            unserved = claim(members)
+            status = [_DEFERRED if m in unserved else _OK for m in members]
+        except Exception as e:  # noqa: BLE001 -- every member fails; the caller frees what was handed out
+            error, status = e, [_FAILED] * len(members)
     served = [i for i, s in enumerate(status) if s == _OK]
 
     # 3. apply
-    batch, freed, error = None, None, None
+    freed = None
     if served:
-        batch = _Batch([members[i] for i in served], shape, req_to_token, device)
         try:
+            if batch is None or len(served) < len(members):
+                batch = _Batch([members[i] for i in served], shape, req_to_token, device)
             freed = batch.apply(_rows(keeps, served), k_buffers, v_buffers, plan.scratch_bytes)
         except Exception as e:  # noqa: BLE001
             error = e
@@ -372,8 +391,8 @@ class _Batch:
         self.slots = req_to_token[self.rows[:, None], columns].long()  # [Bq, g]: columns q..n-1
         self.cand = self.slots[:, : g - r]
         last = self.lengths - 1 + device.position_offset[self.rows]  # true position of each newest token
-        # Ring positions of each request's window (the ring is indexed by true position % its depth).
-        self.query_positions = device.window_slots(last, r) if shape.policy.needs_queries else None
+        # Ring slots of each request's window (the ring is indexed by true position % its depth).
+        self.window_slots = device.window_slots(last, r) if shape.policy.needs_queries else None
 
     def select(self, k_buffers, v_buffers, plan: _Plan) -> torch.Tensor:
         """Keep sets ``[Bq, L, H_kv, K]`` of every layer; reads the pool only."""
@@ -398,7 +417,7 @@ class _Batch:
         precomputed = None
         if shape.scored:
             spec = policy.kernel_scoring()
-            attn, vrange = score_candidates(k_layers, v_layers, self.cand, ring, self.ring_rows, self.query_positions,
+            attn, vrange = score_candidates(k_layers, v_layers, self.cand, ring, self.ring_rows, self.window_slots,
                                             **spec)
             precomputed = {("attention", spec["temperature"], spec["smoothing"]): attn,
                            ("value_range", spec["n_sink"]): vrange}
@@ -409,7 +428,7 @@ class _Batch:
         queries = None
         if policy.needs_queries:
             if policy.reads_kv or not shape.scored:
-                queries = gather_queries(ring, self.ring_rows, self.query_positions)
+                queries = gather_queries(ring, self.ring_rows, self.window_slots)
             else:
                 queries = ring.new_zeros(()).expand(bq, len(layers), (h1 - h0) * shape.group, policy.window, d)
         return select_keep(policy, keys, values, queries, self.seeds, self.evictions, layers,
@@ -487,8 +506,14 @@ class _Batch:
         return torch.stack(targets), torch.stack(sources), torch.stack(rows), freed
 
 
+def runs_triton(k_buf: torch.Tensor) -> bool:
+    """Whether eviction on this KV buffer runs Triton kernels (compaction moves its raw bytes, so any
+    KV dtype; scoring may still take the torch path, see ``kernels._dispatch.triton_loads``)."""
+    return use_triton(_storage(k_buf))
+
+
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The round's only host-to-device copy (a batch's per-request scalars): from pinned memory and
+    """A batch's only host-to-device copy (its per-request scalars): from pinned memory and
     non-blocking on CUDA, so that it does not wait for the forward in flight (a pageable copy
     would)."""
     if device.type == "cuda":

@@ -163,7 +163,8 @@ def needs_ring_row(req) -> bool:
     st = request_state(req)
     if st is None or st.ring_row or not st.params.build_policy().needs_queries:
         return False
-    return st.reaches_trigger(req.sampling_params.max_new_tokens - len(req.output_ids))
+    max_new = req.sampling_params.max_new_tokens
+    return st.reaches_trigger((1 << 30 if max_new is None else max_new) - len(req.output_ids))
 
 
 class DeviceState:

@@ -4,7 +4,7 @@ SGLang allocates one K and one V tensor per layer. A kernel that covers every la
 buffer as its base pointer and an int64 tensor of element offsets ``(data_ptr(l) - data_ptr(0)) /
 itemsize``: pointer arithmetic, valid across allocations on the GPU and under the interpreter. The
 buffers live as long as the server, so the offsets are computed and copied to the device once
-(the first eviction round or the startup warm-up) and cached by their addresses.
+(the startup warm-up, or the first round of a new chunk of layers) and cached by their addresses.
 """
 
 from __future__ import annotations
@@ -28,14 +28,22 @@ def layer_stack(layers: Sequence[torch.Tensor]) -> tuple[torch.Size, tuple[int, 
 
 
 def layer_offsets(layers: Sequence[torch.Tensor]) -> torch.Tensor:
-    """int64 ``[L]`` on the layers' device: element offset of layer l's storage from layer 0's."""
+    """int64 ``[L]`` on the layers' device: element offset of layer l's storage from layer 0's.
+
+    Views of the same buffers at the same offset (a chunk of KV heads) share the offsets, and are
+    keyed by their allocations; a new key's copy is pinned and non-blocking, so even a first use
+    mid-serving (a new chunk of layers) does not wait for the device."""
     itemsize = layers[0].element_size()
-    return _offsets(tuple(t.data_ptr() for t in layers), itemsize, layers[0].device)
+    bases = tuple(t.untyped_storage().data_ptr() for t in layers)
+    if any(t.storage_offset() != layers[0].storage_offset() for t in layers):
+        raise ValueError("layer views must start at the same offset in their buffers")
+    return _offsets(bases, itemsize, layers[0].device)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=256)
 def _offsets(pointers: tuple[int, ...], itemsize: int, device: torch.device) -> torch.Tensor:
     deltas = [p - pointers[0] for p in pointers]
     if any(d % itemsize for d in deltas):
         raise ValueError(f"layer buffers are not {itemsize}-byte aligned to one another")
-    return torch.tensor([d // itemsize for d in deltas], dtype=torch.int64).to(device)
+    host = torch.tensor([d // itemsize for d in deltas], dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

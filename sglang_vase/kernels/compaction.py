@@ -30,15 +30,15 @@ NUM_WARPS = 4
 PROGRAMS_PER_SM = 2
 
 
-@triton.jit(do_not_specialize=["rows", "K", "LAYERS", "stride_sb", "stride_pb", "stride_pl", "stride_ph"])
+@triton.jit(do_not_specialize=["rows", "K", "LAYERS", "H_KV", "stride_sb", "stride_pb", "stride_pl", "stride_ph"])
 def _compact_kernel(
     k_ptr, v_ptr, koff_ptr, voff_ptr, slot_ptr, keep_ptr, scratch_ptr,
-    rows, K, LAYERS,
+    rows, K, LAYERS, H_KV,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
     stride_sb, stride_sn,
     stride_pb, stride_pl, stride_ph, stride_pk,
-    H_KV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -133,8 +133,8 @@ def compact_(
     scratch = torch.empty(programs, 2, k, d, dtype=k_buf.dtype, device=k_buf.device)
     _compact_kernel[(programs,)](
         k_buf, v_buf, layer_offsets(k_layers), layer_offsets(v_layers), slots, keep, scratch,
-        rows, k, layers, *k_buf.stride(), *v_buf.stride(), *slots.stride(), *keep.stride(),
-        H_KV=h_kv, D=d, BLOCK_D=pow2_at_least(d), BLOCK_K=BLOCK_K,
+        rows, k, layers, h_kv, *k_buf.stride(), *v_buf.stride(), *slots.stride(), *keep.stride(),
+        D=d, BLOCK_D=pow2_at_least(d), BLOCK_K=BLOCK_K,
         num_warps=NUM_WARPS, num_stages=1,
     )
 

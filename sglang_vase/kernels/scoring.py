@@ -24,7 +24,7 @@ query's max and sum-exp over all candidates before any probability is known, so 
 
 Lengths, counts and the strides that follow them are marked ``do_not_specialize``: each new value
 would otherwise compile a new kernel (Triton specialises integers divisible by 16 or equal to 1) and
-stall the scheduler for seconds mid-serving. What stays compiled in (head counts, head dim, dtypes,
+stall the scheduler for seconds mid-serving. What stays compiled in (the GQA group, head dim, dtypes,
 block sizes, the ring's depth) is fixed for a server, and ``warm_up`` compiles it at startup.
 """
 
@@ -74,15 +74,15 @@ def _load_queries(q_ptr, qrow_ptr, qpos_ptr, b, layer, hq, W,
                    mask=w_mask[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
-@triton.jit(do_not_specialize=["N", "W", "LAYERS", "tiles_per_split", "stride_sb", "stride_pb"])
+@triton.jit(do_not_specialize=["N", "W", "LAYERS", "H_Q", "tiles_per_split", "stride_sb", "stride_pb"])
 def _stats_kernel(
     k_ptr, koff_ptr, slot_ptr, q_ptr, qrow_ptr, qpos_ptr, m_ptr, l_ptr,
-    N, W, LAYERS, tiles_per_split, qk_scale,
+    N, W, LAYERS, H_Q, tiles_per_split, qk_scale,
     stride_ks, stride_kh, stride_kd,
     stride_sb, stride_sn,
     stride_qr, stride_ql, stride_qp, stride_qh, stride_qd,
     stride_rb, stride_pb, stride_pw,
-    H_Q: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * H_Q + query head
@@ -123,16 +123,16 @@ def _stats_kernel(
     tl.store(l_ptr + out, l_i)
 
 
-@triton.jit(do_not_specialize=["N", "W", "LAYERS", "n_splits", "n_sink", "stride_sb", "stride_pb"])
+@triton.jit(do_not_specialize=["N", "W", "LAYERS", "H_KV", "n_splits", "n_sink", "stride_sb", "stride_pb"])
 def _probs_kernel(
     k_ptr, v_ptr, koff_ptr, voff_ptr, slot_ptr, q_ptr, qrow_ptr, qpos_ptr, m_ptr, l_ptr, score_ptr, vrange_ptr,
-    N, W, LAYERS, n_splits, n_sink, qk_scale, inv_count,
+    N, W, LAYERS, H_KV, n_splits, n_sink, qk_scale, inv_count,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
     stride_sb, stride_sn,
     stride_qr, stride_ql, stride_qp, stride_qh, stride_qd,
     stride_rb, stride_pb, stride_pw,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     F32: tl.constexpr,
 ):
@@ -282,16 +282,16 @@ def score_candidates(
     l_part = torch.empty_like(m_part)
     _stats_kernel[(bq * h_q, splits, layers)](
         k_buf, koff, slots, queries, query_rows, query_positions, m_part, l_part,
-        n, w, layers, tiles_per_split, qk_scale,
+        n, w, layers, h_q, tiles_per_split, qk_scale,
         *k_buf.stride(), *slots.stride(), *qargs,
-        H_Q=h_q, **common,
+        **common,
     )
     raw = torch.empty_like(attn) if smoothing > 1 else attn
     _probs_kernel[(bq * h_kv, n_tiles, layers)](
         k_buf, v_buf, koff, voff, slots, queries, query_rows, query_positions, m_part, l_part, raw, vrange,
-        n, w, layers, splits, n_sink, qk_scale, 1.0 / (w * group),
+        n, w, layers, h_kv, splits, n_sink, qk_scale, 1.0 / (w * group),
         *k_buf.stride(), *v_buf.stride(), *slots.stride(), *qargs,
-        H_KV=h_kv, BLOCK_S=pow2_at_least(MAX_SPLITS, floor=2), **common,
+        BLOCK_S=pow2_at_least(MAX_SPLITS, floor=2), **common,
     )
     if smoothing > 1:
         grid = (bq * layers * h_kv, triton.cdiv(n, SMOOTH_BLOCK))
