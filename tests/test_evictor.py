@@ -7,8 +7,10 @@ exactly what the torch path keeps.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import weakref
 
 import pytest
 import torch
@@ -132,6 +134,33 @@ def test_a_failure_stays_with_its_request(stage, monkeypatch):
         slots = old_rows[3, :n].long()
         assert torch.equal(k_bufs[layer][slots], old_k[layer][slots]), f"seed {seed}"
     assert result.freed_slots().numel() == 2 * (n - budget)
+
+
+@pytest.mark.parametrize("stage", ["select", "apply"])
+def test_a_failed_round_holds_nothing_once_its_result_is_dropped(stage, monkeypatch):
+    """A reported error keeps its traceback as text: no frame of the round outlives the result, so
+    the batch's tensors and ``agree`` (a TP process group) are freed without the garbage collector
+    (a group kept alive that way made gloo abort the process at exit)."""
+    params = VaseParams(policy="vase", budget=32, window=8)
+    k_bufs, v_bufs, req_to_token, device = make_engine(int.from_bytes(os.urandom(4), "little"), 48, 32, 8, [1, 3])
+    due = [Eviction(row=r, length=48, state=st) for r, st in zip([1, 3], _states(params, [1, 3], device, 48))]
+
+    class Agree:  # one rank: the codes are everyone's
+        def __call__(self, codes):
+            return codes
+
+    agree = Agree()
+    alive = weakref.ref(agree)
+    monkeypatch.setenv(FAULT_ENV, f"{stage}:r12")
+    gc.disable()
+    try:
+        result = evict(due, req_to_token, k_bufs, v_bufs, device, workspace_bytes=1, agree=agree)
+        (_, error), = result.failed
+        assert error.__traceback__ is None and f"in {stage}" in "".join(error.__notes__)
+        del agree, result, error
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def test_apply_failure_reports_the_whole_batch(monkeypatch):

@@ -58,6 +58,7 @@ import dataclasses
 import logging
 import os
 import time
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -179,7 +180,24 @@ def evict(
         for i in range(0, len(members), plan.requests):
             _evict_batch(members[i : i + plan.requests], shape, plan, req_to_token, k_buffers, v_buffers, device,
                          claim, agree, result)
+    for _, error in result.failed:
+        _detach_traceback(error)
     return result
+
+
+def _detach_traceback(error: BaseException | None) -> None:
+    """Replace a reported error's traceback (and those of the errors it was raised from) by its text,
+    kept as a note that the log prints. Its frames hold the batch's tensors, ``agree`` (the TP group)
+    and, through their callers, the result that holds the error: a cycle that only the garbage
+    collector frees, holding the workspace meanwhile, and at exit a process group past its
+    destruction (gloo then aborts the process)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if error.__traceback__ is not None:
+            error.add_note("Traceback (most recent call last):\n" + "".join(traceback.format_tb(error.__traceback__)))
+            error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 def requests_per_batch(params: VaseParams, k_buf: torch.Tensor, device: DeviceState, layers: int) -> int:
