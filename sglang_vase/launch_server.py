@@ -2,7 +2,9 @@
 
 Every SGLang flag works as with ``python -m sglang.launch_server``. The ``--vase-*`` flags set the
 eviction defaults (requests may override them, see ``sglang_vase.config``). The launcher also:
-- serves the embedded SmolLM2-135M model when no ``--model-path`` is given;
+- serves the embedded SmolLM2-135M model when no ``--model-path`` is given, and a named real model
+  (``sglang_vase.models.NAMED_MODELS``: ``--model-path qwen2.5-coder-1.5b``) built on first use, each
+  with eviction defaults sized for it;
 - on a machine without CUDA, sets SGLang's CPU route up (device, torch_native attention, no CUDA
   graphs, bounded KV pool and request count) and says so in one log line;
 - adds the flags eviction needs (page size 1; on CUDA no prefill CUDA graph) and refuses, at
@@ -17,6 +19,7 @@ import os
 import sys
 
 from sglang_vase.config import DISABLED, ENV_VAR, VaseParams
+from sglang_vase.models import NAMED_MODELS
 from sglang_vase.policies import POLICIES
 
 logger = logging.getLogger("sglang_vase")
@@ -60,10 +63,12 @@ def vase_parser() -> argparse.ArgumentParser:
                    help="eviction policy for requests that do not choose one; 'none' = plain SGLang")
     g.add_argument("--vase-budget", type=int, default=None,
                    help=f"B: KV slots kept per request, layer and KV head after an eviction (default "
-                        f"{VaseParams.budget}; {EMBEDDED_BUDGET} when serving the embedded model)")
+                        f"{VaseParams.budget}; {EMBEDDED_BUDGET} when serving the embedded model, "
+                        + ", ".join(f"{m.budget} for {n}" for n, m in NAMED_MODELS.items()) + ")")
     g.add_argument("--vase-window", type=int, default=None,
                    help=f"R: recency window = observation window = eviction period; B > R, B %% R == 0 "
-                        f"(default {VaseParams.window}; {EMBEDDED_WINDOW} for the embedded model)")
+                        f"(default {VaseParams.window}; {EMBEDDED_WINDOW} for the embedded model, "
+                        + ", ".join(f"{m.window} for {n}" for n, m in NAMED_MODELS.items()) + ")")
     g.add_argument("--vase-n-large", type=int, default=None,
                    help="slots pinned for the largest-magnitude values (default budget // 4)")
     g.add_argument("--vase-seed", type=int, default=None,
@@ -112,9 +117,9 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
         raise LaunchError(f"unknown sglang-vase flag(s) {unknown}; see --help")
     argv, notes = list(rest), []
     model_path = _flag_value(argv, "--model-path")
-    embedded = model_path is None or _is_embedded(model_path)
-    budget = ns.vase_budget if ns.vase_budget is not None else (EMBEDDED_BUDGET if embedded else VaseParams.budget)
-    window = ns.vase_window if ns.vase_window is not None else (EMBEDDED_WINDOW if embedded else VaseParams.window)
+    label, sized = _served_model(model_path)
+    budget = ns.vase_budget if ns.vase_budget is not None else (sized[0] if sized else VaseParams.budget)
+    window = ns.vase_window if ns.vase_window is not None else (sized[1] if sized else VaseParams.window)
     params = VaseParams(
         policy=ns.vase_policy, budget=budget, window=window, n_large=ns.vase_n_large, seed=ns.vase_seed,
         keep_prompt=ns.vase_keep_prompt, sort_kept=ns.vase_sort_kept, ring_rows=ns.vase_ring_rows, workspace_mb=ns.vase_workspace_mb,
@@ -130,6 +135,12 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
 
         argv += ["--model-path", prepare_default_model(verbose=True)]
         notes.append("serving the embedded SmolLM2-135M-Instruct (no --model-path given)")
+    elif model_path in NAMED_MODELS:
+        from sglang_vase.models import prepare_named_model
+
+        argv[argv.index(model_path)] = prepare_named_model(model_path, verbose=True)
+        if _ensure(argv, "--served-model-name", model_path):
+            notes.append(f"serving {label} as --served-model-name {model_path}")
 
     if cuda_available is None:
         import torch
@@ -169,8 +180,8 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
                      f"{params.window}, --vase-n-large {params.n_large if params.n_large is not None else 'budget // 4'}, "
                      f"--vase-seed {params.seed}, --vase-keep-prompt {params.keep_prompt}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
                      f"{params.ring_rows if params.ring_rows is not None else 'auto'}, --vase-workspace-mb "
-                     f"{params.workspace_mb}" + (" (budget and window sized for the embedded model)"
-                                                 if embedded and ns.vase_budget is None else ""))
+                     f"{params.workspace_mb}" + (f" (budget and window sized for {label})"
+                                                 if sized and ns.vase_budget is None else ""))
     else:
         notes.append("--vase-policy none: plain SGLang (requests may not ask for eviction)")
     return params, argv, env, notes
@@ -229,10 +240,16 @@ def cpu_rank_threads(argv: list[str]) -> dict:
     return env
 
 
-def _is_embedded(model_path: str) -> bool:
-    from sglang_vase.models import default_model_dir
+def _served_model(model_path: str | None) -> tuple[str, tuple[int, int] | None]:
+    """(what the log calls the model, its (budget, window) defaults or None for a user's model)."""
+    from sglang_vase.models import MODEL_NAME, default_model_dir, named_model_dir
 
-    return os.path.realpath(model_path) == os.path.realpath(default_model_dir())
+    if model_path is None or os.path.realpath(model_path) == os.path.realpath(default_model_dir()):
+        return f"the embedded {MODEL_NAME}", (EMBEDDED_BUDGET, EMBEDDED_WINDOW)
+    for name, model in NAMED_MODELS.items():
+        if model_path == name or os.path.realpath(model_path) == os.path.realpath(named_model_dir(name)):
+            return model.folder, (model.budget, model.window)
+    return model_path, None
 
 
 def check_model(server_args) -> None:

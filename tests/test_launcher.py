@@ -60,6 +60,27 @@ def test_embedded_model_defaults_evict_in_a_demo_and_every_flag_is_logged_once()
         assert text.count(flag) == 1, (flag, text)
 
 
+def test_a_named_model_is_served_by_its_name_with_its_own_defaults(monkeypatch):
+    """``--model-path qwen2.5-coder-0.5b``: the built folder is served under the name, with the
+    model's eviction defaults (the folder's path gets them too)."""
+    from sglang_vase import models
+
+    built = []
+    monkeypatch.setattr(models, "prepare_named_model", lambda name, verbose=False: built.append(name) or "/m/q")
+    model = models.NAMED_MODELS["qwen2.5-coder-0.5b"]
+    params, argv, _, notes = prepare(["--model-path", "qwen2.5-coder-0.5b"], cuda_available=False)
+    assert built == ["qwen2.5-coder-0.5b"] and argv[argv.index("--model-path") + 1] == "/m/q"
+    assert argv[argv.index("--served-model-name") + 1] == "qwen2.5-coder-0.5b"
+    assert (params.budget, params.window) == (model.budget, model.window)
+    assert any(f"sized for {model.folder}" in n for n in notes)
+    _, argv, _, _ = prepare(["--model-path", "qwen2.5-coder-0.5b", "--served-model-name", "mine"],
+                            cuda_available=False)
+    assert argv[argv.index("--served-model-name") + 1] == "mine" and argv.count("--served-model-name") == 1
+    params, _, _, _ = prepare(["--model-path", str(models.named_model_dir("qwen2.5-coder-0.5b")),
+                               "--vase-window", "32"], cuda_available=False)
+    assert (params.budget, params.window) == (model.budget, 32)
+
+
 def test_cpu_ranks_get_their_own_cores(monkeypatch):
     """--dp-size 2 on the CPU route: one core group a rank (SGLang would ask for a NUMA node each)."""
     monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)

@@ -6,7 +6,6 @@ both under SGLang's strict memory checks; every test leaves them serving.
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
@@ -63,50 +62,26 @@ def test_budget_above_length_is_plain_sglang(vase_server, plain_server):
 def test_evictions_match_the_reference_replay(vase_server, trace_dir):
     """SnapKV at B=64, R=16 over 300 steps: SGLang's per-head compaction with true positions gives
     the logits of the plain-PyTorch reference applying the same keep sets (fp32 both)."""
-    from sglang_vase.models import prepare_default_model
-    from sglang_vase.policies import get_policy
-    from sglang_vase.reference.replay import EvictingDecoder, load_model
-
-    budget, window, steps = 64, 16, 300
     from transformers import AutoTokenizer
 
+    from sglang_vase.models import prepare_default_model
+    from sglang_vase.policies import get_policy
+    from sglang_vase.reference.engine_trace import replay_engine_trace
+    from sglang_vase.reference.replay import load_model
+
+    budget, window, steps = 64, 16, 300
     prompt_ids = AutoTokenizer.from_pretrained(prepare_default_model())(PROMPT).input_ids
     out = vase_server.generate(None, max_new_tokens=steps, ignore_eos=True,
                                vase={"policy": "snapkv", "budget": budget, "window": window},
                                extra={"input_ids": prompt_ids, "return_logprob": True, "top_logprobs_num": 5})
-    meta = out["meta_info"]
-    rid = meta["id"]
-    out_ids = out["output_ids"]
-    assert len(out_ids) == steps
-    traces = sorted(glob.glob(os.path.join(trace_dir, f"{rid}-*.pt")), key=lambda p: int(p.rsplit("-", 1)[1][:-3]))
-    assert meta["vase"]["evictions"] == len(traces) >= 10
-
-    recorded = {t["eviction"]: t["keep"] for t in map(torch.load, traces)}
-    model = load_model(prepare_default_model(), dtype=torch.float32)
-    policy = get_policy("snapkv", budget=budget, window=window)
-    agree = []
-
-    def engine_keep(eviction, layer):
-        # Also what the reference itself would keep from the same state: selection agrees too.
-        agree.append(torch.equal(ref.select_layer(layer).cpu(), recorded[eviction][layer]))
-        return recorded[eviction][layer]
-
-    ref = EvictingDecoder(model, policy, seed=meta["vase"]["seed"], keep_override=engine_keep)
-    logits = ref.prefill(prompt_ids)
-    max_err = 0.0
-    for step, token in enumerate(out_ids):
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        assert int(logprobs.argmax()) == token, f"greedy token differs at step {step}"
-        sglang_lp = meta["output_token_logprobs"][step][0]
-        max_err = max(max_err, abs(float(logprobs[token]) - sglang_lp))
-        for lp, tok, _ in meta["output_top_logprobs"][step]:
-            max_err = max(max_err, abs(float(logprobs[tok]) - lp))
-        if step + 1 < steps:  # the engine never feeds its last output token back
-            logits = ref.step(token)
-    assert ref.evictions == len(traces)
-    assert max_err < 2e-3, max_err
+    assert len(out["output_ids"]) == steps
+    got = replay_engine_trace(load_model(prepare_default_model(), dtype=torch.float32),
+                              get_policy("snapkv", budget=budget, window=window), prompt_ids, out, trace_dir)
+    assert out["meta_info"]["vase"]["evictions"] == got.traces == got.evictions >= 10
+    assert got.first_mismatch is None, f"greedy token differs at step {got.first_mismatch}"
+    assert got.max_logprob_error < 2e-3, got
     # fp32 noise between the two stacks may flip a near-tie in a few of the 30 layers' top-k.
-    assert sum(agree) >= 0.9 * len(agree), f"{sum(agree)}/{len(agree)} layer keep sets agree"
+    assert got.keep_agreement >= 0.9, got
 
 
 def test_memory_bound_with_concurrency_and_aborts(vase_server):
