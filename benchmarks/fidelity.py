@@ -708,7 +708,7 @@ def machine_info() -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="HF model folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model-path", default=None, help="HF model folder or named model (default: the embedded SmolLM2-135M)")
     p.add_argument("--outlier-model", action="store_true",
                    help="replay on sglang_vase.models.prepare_outlier_model() (built on first use)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
@@ -773,10 +773,10 @@ def main(argv=None) -> dict:
     t_start = time.time()
     from transformers import AutoTokenizer
 
-    from sglang_vase.models import prepare_default_model, prepare_outlier_model
+    from sglang_vase.models import prepare_outlier_model, resolve_model
     from sglang_vase.policies import POLICIES
 
-    model_path = args.model_path or (prepare_outlier_model() if args.outlier_model else prepare_default_model())
+    model_path = prepare_outlier_model() if args.outlier_model else resolve_model(args.model_path)
     policies = [s.strip() for s in args.policies.split(",") if s.strip()] if args.policies else sorted(POLICIES)
     unknown = [p for p in policies if parse_policy_spec(p)[0] not in POLICIES]
     if unknown:

@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/throughput.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="model for every server (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model-path", default=None, help="model folder or named model (sglang_vase.models.NAMED_MODELS) for every server "
+                        "(default: the embedded SmolLM2-135M)")
     p.add_argument("--output-len", type=int, default=None, help=f"output tokens per request, ignore_eos "
                    f"(default {FULL['output_len']}; paper: 16384)")
     p.add_argument("--budget", type=int, default=None, help=f"B, --vase-budget (default {FULL['budget']}; paper: 4096)")
@@ -559,11 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available()
     t_start = time.time()
-    model_path = args.model_path
-    if model_path is None:
-        from sglang_vase.models import prepare_default_model
+    from sglang_vase.models import resolve_model
 
-        model_path = prepare_default_model()
+    model_path = resolve_model(args.model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data_file = args.data_dir / f"{args.dataset}.jsonl"
     # The pool and the limit come from the distinct workload's prompts (at most its largest count).

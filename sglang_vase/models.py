@@ -211,9 +211,12 @@ def prepare_named_model(name: str, verbose: bool = False) -> str:
                     verbose)
 
 
-def prepare_model(name: str | None = None, verbose: bool = False) -> str:
-    """The folder of the embedded model (``name`` None) or of a named model."""
-    return prepare_default_model(verbose) if name is None else prepare_named_model(name, verbose)
+def resolve_model(path_or_name: str | None = None, verbose: bool = False) -> str:
+    """A model folder: the embedded model's for None, a named model's (built on first use) for its
+    name, else the path as given (``--model-path`` of the launcher and the benchmarks)."""
+    if path_or_name is None:
+        return prepare_default_model(verbose)
+    return prepare_named_model(path_or_name, verbose) if path_or_name in NAMED_MODELS else path_or_name
 
 
 def _prepare(folder: Path, build: Callable[[Path], None], what: str, verbose: bool) -> str:
@@ -369,4 +372,4 @@ def _newline_range_ratio(model, tokenizer) -> float:
 
 
 if __name__ == "__main__":
-    print(prepare_model(sys.argv[1] if len(sys.argv) > 1 else None, verbose=True))
+    print(resolve_model(sys.argv[1] if len(sys.argv) > 1 else None, verbose=True))
