@@ -162,13 +162,13 @@ def plot(result: dict, path: Path) -> None:
     layers = result["layers"]
     x = [l["layer"] for l in layers]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(axes, ("max_over_median", "p99_over_median", "share_above_4x"),
-                              ("max / median range", "p99 / median range", "share of tokens above 4x median")):
+    for ax, key, title in zip(axes, ("max_over_median", "p99_over_median", "share_above_2x"),
+                              ("max / median range", "p99 / median range", "share of tokens above 2x median")):
         ax.plot(x, [l[key]["mean"] for l in layers], marker="o", label="mean over heads and prompts")
         ax.plot(x, [l[key]["max"] for l in layers], marker="x", label="max")
         ax.set_xlabel("layer")
         ax.set_title(title)
-        if key != "share_above_4x":
+        if key != "share_above_2x":
             ax.set_yscale("log")
     axes[0].legend()
     fig.suptitle(f"Value ranges of {result['model']} on {result['prompts']} MATH-500 solutions "
