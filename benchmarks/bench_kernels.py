@@ -27,7 +27,7 @@ On CPU only the torch references are timed, on small shapes: the Triton interpre
 correctness tool, and its timings mean nothing.
 
     python benchmarks/bench_kernels.py [--quick] [--out benchmarks/results/bench_kernels.json]
-    python benchmarks/bench_kernels.py --rounds [--out benchmarks/results/eviction_rounds.json]
+    python benchmarks/bench_kernels.py --rounds [--requests 1,8,32] [--out benchmarks/results/eviction_rounds.json]
 """
 
 from __future__ import annotations
@@ -322,17 +322,25 @@ def compiled_kernels() -> int:
     return count
 
 
-def rounds(out: Path) -> dict:
-    """Every (model, requests) round; on CPU each route in its own process (the interpreter flag is
-    read when the kernels are defined)."""
+def rounds(out: Path, requests: tuple[int, ...] = ROUND_REQUESTS) -> dict:
+    """Every (route, model, requests) round; on CPU each in its own process (the interpreter flag is
+    read when the kernels are defined). Rows are written to ``out`` as they finish, and rows already
+    there for this device are kept, not run again: an interrupted run resumes."""
     cuda = torch.cuda.is_available()
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "policy": ROUND_POLICY, "goal": f"launches per round < {LAUNCH_GOAL}, independent of the layer count",
-              "rows": []}
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    result = {"device": device, "torch": torch.__version__, "policy": ROUND_POLICY,
+              "goal": f"launches per round < {LAUNCH_GOAL}, independent of the layer count", "rows": []}
+    if out.exists():
+        previous = json.loads(out.read_text())
+        if previous.get("device") == device and previous.get("policy") == ROUND_POLICY:
+            result["rows"] = previous["rows"]
+    done = {(r["route"], r["model"], r["requests"]) for r in result["rows"]}
     routes = ["cuda"] if cuda else ["triton-interpreter", "torch"]
     for route in routes:
         for name in ROUND_MODELS:
-            for bq in ROUND_REQUESTS:
+            for bq in requests:
+                if (route, name, bq) in done:
+                    continue
                 if route == "cuda":
                     row = profile_round(name, bq, torch.device("cuda"))
                 else:
@@ -341,12 +349,13 @@ def rounds(out: Path) -> dict:
                                           capture_output=True, text=True, check=True)
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
                 result["rows"].append(row)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2) + "\n")
                 print(f"{row['route']:<19} {name:<13} {bq:>3} requests: {row['launches']:>5} launches "
                       f"({row.get('torch_kernel_ops', '-')} torch ops + {row.get('triton_launches', '-')} Triton)"
                       + (f", {row['host_ms_per_round']:.1f} ms host" if "host_ms_per_round" in row else "")
-                      + (f", {row['device_ms_per_round']:.2f} ms device" if "device_ms_per_round" in row else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+                      + (f", {row['device_ms_per_round']:.2f} ms device" if "device_ms_per_round" in row else ""),
+                      flush=True)
     print(f"wrote {out}")
     return result
 
@@ -355,6 +364,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--rounds", action="store_true", help="count and time whole eviction rounds")
+    parser.add_argument("--requests", default=",".join(map(str, ROUND_REQUESTS)),
+                        help="with --rounds: requests per round, comma list")
     parser.add_argument("--one-round", nargs=2, metavar=("MODEL", "REQUESTS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -362,7 +373,7 @@ def main() -> None:
         print(json.dumps(profile_round(args.one_round[0], int(args.one_round[1]), torch.device("cpu"))))
         return
     if args.rounds:
-        rounds(Path(args.out or RESULTS / "eviction_rounds.json"))
+        rounds(Path(args.out or RESULTS / "eviction_rounds.json"), tuple(int(x) for x in args.requests.split(",")))
         return
     kernels(args)
 

@@ -70,8 +70,8 @@ from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_, score_candidates
 from sglang_vase.kernels.compaction import scratch_bytes
-from sglang_vase.kernels.scoring import MAX_SPLITS, gather_candidates, gather_queries
-from sglang_vase.kernels._dispatch import use_triton
+from sglang_vase.kernels.scoring import gather_candidates, gather_queries, max_splits
+from sglang_vase.kernels._dispatch import pow2_at_least, use_triton
 from sglang_vase.policies.base import Policy
 
 logger = logging.getLogger(__name__)
@@ -230,16 +230,20 @@ class _Shape:
     scored: bool  # attention and value range come from ``score_candidates``
     scoring_kernel: bool  # ... from its Triton kernel (not for fp8 e4m3 below compute capability 8.9)
     triton: bool  # the device runs the Triton kernels: compaction (raw bytes, any dtype) and noise
+    ring_depth: int  # the query ring's depth (the server's window): the scoring kernel's query block
+    device: torch.device
 
     @classmethod
     def of(cls, policy: Policy, g: int, k_buf: torch.Tensor, device: DeviceState, layers: int) -> "_Shape":
         h_kv, d = k_buf.shape[1], k_buf.shape[2]
         return cls(policy, g, layers, h_kv, device.ring.shape[3] // h_kv, d, k_buf.element_size(),
-                   policy.kernel_scoring() is not None, use_triton(k_buf), runs_triton(k_buf))
+                   policy.kernel_scoring() is not None, use_triton(k_buf), runs_triton(k_buf), device.ring.shape[2],
+                   k_buf.device)
 
-    def per_head_bytes(self) -> tuple[int, int, int]:
+    def per_head_bytes(self, chunk_layers: int, chunk_heads: int) -> tuple[int, int, int]:
         """(one layer's selection, one layer's keep set held to the end, one layer's torch
-        compaction temporary) per request and KV head."""
+        compaction temporary) per request and KV head, when a selection chunk holds at least
+        ``chunk_layers`` layers and ``chunk_heads`` KV heads of each of its requests."""
         n, k, w, g, d = self.g - self.policy.window, self.policy.n_keep, self.policy.window, self.group, self.head_dim
         # The selection's temporaries: pin scores, noise, keys, top-k values and indices, the keep set.
         # Measured with the torch profiler over [1, 40, 8, 4096] scores: 12 (snapkv), 32 (vase) and 54
@@ -248,8 +252,9 @@ class _Shape:
         if self.scored:
             # attention (and its unsmoothed copy) and value range, held while the chunk selects
             select += 3 * n * 4
-            if self.scoring_kernel:  # pass 1's partial softmax statistics
-                select += g * MAX_SPLITS * w * 8
+            if self.scoring_kernel:  # pass 1's partial softmax statistics (fewer splits the more rows)
+                splits = max_splits(n, chunk_layers * chunk_heads * g, self.device)
+                select += g * splits * pow2_at_least(self.ring_depth) * 8
             else:  # the reference gathers K, V and the queries, and forms the [W, N] softmax
                 select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
                 select += 2 * g * w * n * 4
@@ -269,22 +274,24 @@ class _Shape:
 
     def transient_bytes(self, plan: _Plan) -> int:
         """Transient memory of one batch under ``plan``."""
-        select, keep, temp = self.per_head_bytes()
+        select, keep, temp = self.per_head_bytes(plan.layers, plan.heads)
         return (plan.requests * (plan.layers * plan.heads * select + self.layers * self.h_kv * keep + self.h_kv * temp)
                 + plan.scratch_bytes)
 
     def plan(self, workspace_bytes: int) -> _Plan:
         """Requests per batch and the selection chunk within ``workspace_bytes`` (at least 1, 1, 1)."""
-        select, keep, temp = self.per_head_bytes()
+        select, keep, temp = self.per_head_bytes(self.layers, self.h_kv)
         scratch = self.scratch_bytes(workspace_bytes)
         room = workspace_bytes - scratch
         held = self.layers * self.h_kv * keep + self.h_kv * temp
         per_request = self.layers * self.h_kv * select + held
         if per_request <= room:
             return _Plan(room // per_request, self.layers, self.h_kv, scratch)
+        select = self.per_head_bytes(1, self.h_kv)[0]  # chunks of whole layers: at least one
         layers = (room - held) // (self.h_kv * select)
         if layers >= 1:
             return _Plan(1, min(self.layers, layers), self.h_kv, scratch)
+        select = self.per_head_bytes(1, 1)[0]
         return _Plan(1, 1, max(1, min(self.h_kv, (room - held) // select)), scratch)
 
 

@@ -194,6 +194,12 @@ def _smooth_kernel(x_ptr, y_ptr, N, KERNEL: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(y_ptr + row * N + offs, acc / KERNEL, mask=offs < N)
 
 
+def max_splits(n: int, rows: int, device: torch.device) -> int:
+    """The most splits ``score_candidates`` gives N candidates in a call of at least ``rows``
+    (request, layer, query head) rows: what bounds its partial statistics (the evictor's plan)."""
+    return _num_splits(rows, triton.cdiv(n, 32), device)  # 32: the smaller tile, the most tiles
+
+
 def _num_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the interpreter runs programs one after another: fewer is faster
