@@ -64,6 +64,9 @@ engine part); markdown tables per kept order, of the value ranges per layer and 
 (vase-adaptive against the better of snapkv-sample and vase per order, budget and metric: worse
 beyond seed noise when by more than two standard errors over seeds) on stdout and in the file.
 ``--render`` rebuilds those tables and the plots of an existing ``--out`` without running anything.
+Each prompt's replay is appended to ``<out>.partial.jsonl`` as it finishes; a run with the same
+settings (an interrupted one started again) takes the prompts found there and computes only the
+rest; the file is removed once ``--out`` is written.
 
     python benchmarks/fidelity.py [--quick] [--outlier-model] [--prompts 8] [--cont-len 1024]
         [--compressions 2,4,8] [--window 32] [--seeds 3] [--orders sorted,released]
@@ -310,10 +313,34 @@ def replay_prompt(model, prompt: dict, tokens: list[int], step_logits: torch.Ten
     return runs, vrange, floor / max(1, t - 1)
 
 
+def partial_path(out: Path) -> Path:
+    """Where a run keeps each finished prompt's rows until it writes ``out`` (``replay_part``)."""
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def _load_partial(path: Path, config: dict) -> dict[int, dict]:
+    """The prompts an interrupted run of the same settings finished, by index (none if it differs)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or json.loads(lines[0]).get("config") != config:
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            break
+        done[record["index"]] = record
+    return done
+
+
 def replay_part(args, model_path: str, prompts: list[dict], configs: list[dict], tokenizer, result: dict,
                 t_start: float, previous: dict | None = None) -> tuple[list[dict], list[list]]:
     """Reference continuations and every teacher-forced replay, prompt by prompt, in this process
-    (``previous``: the results an ``--update`` merges into; its references must be these)."""
+    (``previous``: the results an ``--update`` merges into; its references must be these). Each
+    finished prompt is appended to ``partial_path(--out)``; a run with the same settings takes the
+    prompts found there instead of computing them again (a long run resumes where it stopped)."""
     from sglang_vase.reference.replay import generate, load_model
 
     model = load_model(model_path, getattr(torch, args.dtype))
@@ -321,7 +348,20 @@ def replay_part(args, model_path: str, prompts: list[dict], configs: list[dict],
     result["config"]["suppressed_token_ids"] = suppress
     runs, vranges = [], []
     timing = result.setdefault("timing", {"reference_seconds": 0.0, "replay_seconds": 0.0})
+    partial = partial_path(Path(args.out))
+    done = _load_partial(partial, result["config"])
+    if not done:
+        partial.write_text(json.dumps({"config": result["config"]}) + "\n")
     for p, rp in zip(prompts, result["prompts"]):
+        if p["index"] in done:
+            record = done[p["index"]]
+            rp.update(record["prompt"])
+            runs += record["runs"]
+            vranges.append(record["value_ranges"])
+            timing["reference_seconds"] += rp["reference_seconds"]
+            timing["replay_seconds"] += rp["replay_seconds"]
+            print(f"[fidelity] prompt {p['index']}: taken from {partial}", flush=True)
+            continue
         t0 = time.time()
         tokens, step_logits = generate(model, p["input_ids"], args.cont_len, suppress_token_ids=suppress,
                                        return_logits=True)
@@ -336,6 +376,9 @@ def replay_part(args, model_path: str, prompts: list[dict], configs: list[dict],
         rp.update(reference_seconds=t1 - t0, replay_seconds=t2 - t1, noise_floor_kl=floor)
         timing["reference_seconds"] += t1 - t0
         timing["replay_seconds"] += t2 - t1
+        with open(partial, "a") as f:
+            f.write(json.dumps({"index": p["index"], "prompt": {k: v for k, v in rp.items() if k != "index"},
+                                "runs": prompt_runs, "value_ranges": vrange}) + "\n")
         print(f"[fidelity] prompt {p['index']}: reference {t1 - t0:.0f}s, {len(configs)} rows replayed in "
               f"{t2 - t1:.0f}s (elapsed {time.time() - t_start:.0f}s)", flush=True)
     timing["replay_rows"] = len(runs)
@@ -884,6 +927,7 @@ def main(argv=None) -> dict:
     except OSError:
         pass
     render(result, out)
+    partial_path(out).unlink(missing_ok=True)
     print(f"[fidelity] wrote {out} and {len(result['plots'])} plots in {timing['total_seconds']:.0f}s", flush=True)
     return result
 

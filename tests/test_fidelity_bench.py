@@ -126,6 +126,32 @@ def test_adaptive_verdict_against_the_better_rival():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_OK, reason="shared/data/reasoning/math.jsonl not found")
+def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypatch):
+    """The replay of a finished prompt is kept as it finishes: started again with the same settings,
+    the run takes it from there (nothing is replayed) and writes the same rows."""
+    out = tmp_path / "fidelity.json"
+    argv = ["--quick", "--threads", "1", "--policies", "vase,snapkv", "--out", str(out)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(fidelity, "render", interrupted)  # stopped after the replay, before the results file
+        with pytest.raises(KeyboardInterrupt):
+            fidelity.main(argv)
+    partial = fidelity.partial_path(out)
+    first = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
+    assert [r["index"] for r in first] == [0]
+
+    with monkeypatch.context() as m:
+        m.setattr(fidelity, "replay_prompt", interrupted)  # must not be needed
+        data = fidelity.main(argv)
+    assert sorted(map(json.dumps, data["replay_runs"])) == sorted(map(json.dumps, first[0]["runs"]))
+    assert data["prompts"][0]["continuation_text"] == first[0]["prompt"]["continuation_text"]
+    assert out.exists() and not partial.exists()
+    assert fidelity.main(argv)["replay_runs"] == data["replay_runs"]  # a fresh run computes the same rows
+
+
 def test_quick_run(tmp_path):
     out = tmp_path / "fidelity.json"
     returned = fidelity.main(["--quick", "--engine", "--threads", "1", "--out", str(out)])
