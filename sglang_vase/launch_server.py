@@ -97,6 +97,18 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def _replace_value(argv: list[str], flag: str, value: str) -> None:
+    """Set the value of ``flag``, present in argv as ``--f v`` or ``--f=v``."""
+    for i, a in enumerate(argv):
+        if a == flag:
+            argv[i + 1] = value
+            return
+        if a.startswith(flag + "="):
+            argv[i] = f"{flag}={value}"
+            return
+    raise KeyError(flag)
+
+
 def _ensure(argv: list[str], flag: str, value: str | None = None) -> str | None:
     """Append ``flag [value]`` unless present; the flag as added ('--f v'), or None."""
     if _flag_value(argv, flag) is not None:
@@ -138,7 +150,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     elif model_path in NAMED_MODELS:
         from sglang_vase.models import prepare_named_model
 
-        argv[argv.index(model_path)] = prepare_named_model(model_path, verbose=True)
+        _replace_value(argv, "--model-path", prepare_named_model(model_path, verbose=True))
         if _ensure(argv, "--served-model-name", model_path):
             notes.append(f"serving {label} as --served-model-name {model_path}")
 

@@ -76,6 +76,9 @@ def test_a_named_model_is_served_by_its_name_with_its_own_defaults(monkeypatch):
     _, argv, _, _ = prepare(["--model-path", "qwen2.5-coder-0.5b", "--served-model-name", "mine"],
                             cuda_available=False)
     assert argv[argv.index("--served-model-name") + 1] == "mine" and argv.count("--served-model-name") == 1
+    _, argv, _, _ = prepare(["--served-model-name", "qwen2.5-coder-0.5b", "--model-path=qwen2.5-coder-0.5b"],
+                            cuda_available=False)  # the name given as another flag's value, and the = form
+    assert argv == ["--served-model-name", "qwen2.5-coder-0.5b", "--model-path=/m/q"] + argv[3:]
     params, _, _, _ = prepare(["--model-path", str(models.named_model_dir("qwen2.5-coder-0.5b")),
                                "--vase-window", "32"], cuda_available=False)
     assert (params.budget, params.window) == (model.budget, 32)
