@@ -15,7 +15,7 @@ within \\boxed{}.`` in the model's chat template):
    - top-1 agreement: argmax of the evicted distribution == argmax of the full one,
    - NLL increase: -log p_evicted(token_i) - (-log p_full(token_i)).
    Each is averaged over the rows computed after the first eviction ("after": the rows whose cache
-   had been evicted at least once, found by replaying the engine trigger ``should_evict`` on the
+   had been evicted at least once, found from the engine trigger ``Geometry.triggers`` on the
    physical length) and over all rows ("all"). Per (policy, kept order, compression, seed) the
    per-prompt means are averaged over prompts; stochastic policies report mean and std (ddof=1)
    over seeds 0..S-1, deterministic ones run once (seed 0). The same seeds are used for every
@@ -168,20 +168,15 @@ def first_affected_row(prompt_len: int, cont_len: int, budget: int, window: int)
     """(first row computed after an eviction, evictions that affect a row), from the engine trigger.
 
     Row 0 comes from the prefill; row i >= 1 from the decode step of continuation token i-1, which
-    appends it (n += 1), computes the logits, then evicts if ``should_evict(n)``. The eviction after
-    step i first affects row i + 1; one after the last row affects nothing and is not counted (the
-    engine, whose request ends there, does not run it either)."""
-    from sglang_vase.engine.selection import should_evict
+    appends it (physical length prompt + i), computes the logits, then evicts if that length
+    triggers. The eviction after step i first affects row i + 1; one after the last row affects
+    nothing and is not counted (the engine, whose request ends there, does not run it either):
+    exactly the engine's ``Geometry.evictions_in``."""
+    from sglang_vase.engine.geometry import Geometry
 
-    n, first, events = prompt_len, cont_len, 0
-    for i in range(1, cont_len):
-        n += 1
-        if should_evict(n, budget, window):
-            n = budget
-            if i + 1 < cont_len:
-                events += 1
-                first = min(first, i + 1)
-    return first, events
+    geometry = Geometry(budget, window)
+    events = geometry.evictions_in(prompt_len, cont_len)
+    return (geometry.next_trigger(prompt_len) - prompt_len + 1 if events else cont_len), events
 
 
 def end_of_sequence_ids(tokenizer, model) -> list[int]:

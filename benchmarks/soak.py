@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_vase.engine.state import evictions_in
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.policies import POLICIES, policy_params
 from sglang_vase.serving import Server
 
@@ -185,13 +185,14 @@ def check_valid(case: Case, outputs: list[dict]) -> list[str]:
             continue
         retracted = bool(meta.get("num_retractions"))
         pinned = prompt if case.keep_prompt else 0
-        expected = evictions_in(prompt, done, case.budget, case.window, pinned)
+        geometry = Geometry(case.budget, case.window, pinned)
+        expected = geometry.evictions_in(prompt, done)
         if not retracted and stats["evictions"] != expected:
             problems.append(f"{stats['evictions']} evictions, expected {expected} (prompt {prompt}, output {done})")
         # A retracted request is re-prefilled whole (prompt + what it had generated): its bound
         # restarts from that length.
         longest_prefill = prompt + (done if retracted else 0)
-        bound = pinned + max(longest_prefill - pinned, case.budget) + case.window
+        bound = geometry.slot_bound(longest_prefill)
         if stats["peak_kv_len"] > bound:
             problems.append(f"peak KV {stats['peak_kv_len']} > bound {bound}")
     return problems

@@ -155,7 +155,7 @@ def _lower_lengths(self, batch, evicted, reqs, in_flight) -> None:
     orig = batch.orig_seq_lens.clone() if batch.orig_seq_lens is not None else None
     for e in evicted:
         req = reqs[id(e)]
-        i, length = index[id(req)], e.state.evicted_length
+        i, length = index[id(req)], e.state.geometry.evicted_length
         kv = req.kv
         kv.kv_committed_len = kv.kv_allocated_len = length
         seq_lens[i] = seq_lens_cpu[i] = length
@@ -167,7 +167,7 @@ def _lower_lengths(self, batch, evicted, reqs, in_flight) -> None:
                 req.last_node = self.tree_cache.root_node_handle(req.extra_key)
         _skip_tree_insert(req)
         if req in in_flight:
-            e.state.provisional = (len(req.output_ids) + 1, e.length - e.state.evicted_length)
+            e.state.provisional = (len(req.output_ids) + 1, e.length - e.state.geometry.evicted_length)
     batch.seq_lens, batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens, seq_lens_cpu, None
     if orig is not None:
         batch.orig_seq_lens = orig

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.policies import POLICIES, get_policy, policy_params
 from sglang_vase.policies.base import Policy
 
@@ -61,11 +62,14 @@ class VaseParams:
         """Leading KV columns eviction never touches: the prompt with keep_prompt, else none."""
         return prompt_len if self.keep_prompt else 0
 
+    def geometry(self, prompt_len: int) -> Geometry:
+        """Where a request with a ``prompt_len``-token prompt evicts (``engine.geometry``)."""
+        return Geometry(self.budget, self.window, self.pinned(prompt_len))
+
     def slot_bound(self, prompt_len: int) -> int:
         """Most KV slots the request can ever hold (VASE_SPEC, static footprint): max(prompt, B) + R,
         or prompt + B + R with keep_prompt."""
-        pinned = self.pinned(prompt_len)
-        return pinned + max(prompt_len - pinned, self.budget) + self.window
+        return self.geometry(prompt_len).slot_bound(prompt_len)
 
     def memory_plan(self, shape: "ModelShape") -> "Plan":
         """How the query ring and the eviction workspace share the KV budget (``engine.memory``)."""

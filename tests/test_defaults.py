@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from sglang_vase.engine.state import evictions_in
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.policies import POLICIES
 from sglang_vase.serving import Server
 
@@ -76,7 +76,7 @@ def test_radix_cache_and_overlap_scheduler_change_no_eviction(server, restricted
         assert {k: got["meta_info"]["vase"][k] for k in keys} == {k: want["meta_info"]["vase"][k] for k in keys}
         out, prompt = len(got["output_ids"]), got["meta_info"]["prompt_tokens"]
         pinned = prompt if kw.get("vase", {}).get("keep_prompt") else 0
-        assert got["meta_info"]["vase"]["evictions"] == evictions_in(prompt, out, BUDGET, WINDOW, pinned) > 0
+        assert got["meta_info"]["vase"]["evictions"] == Geometry(BUDGET, WINDOW, pinned).evictions_in(prompt, out) > 0
 
 
 def test_a_stop_on_a_trigger_step_takes_its_eviction_back(server):
@@ -92,7 +92,7 @@ def test_a_stop_on_a_trigger_step_takes_its_eviction_back(server):
         # EOS: the stopping one must not meet an EOS before its stop token.
         last = ids.index(EOS) if EOS in ids else len(ids)
         stops = [m for m in range(2, last + 1) if (prompt + m - 1) > budget and (prompt + m - 1) % window == 0
-                 and ids.index(ids[m - 1]) == m - 1 and evictions_in(prompt, m, budget, window) > 0]
+                 and ids.index(ids[m - 1]) == m - 1 and Geometry(budget, window).evictions_in(prompt, m) > 0]
         if stops:
             break
     assert stops, "no token first appears on a trigger step; change the prompts"
@@ -100,7 +100,7 @@ def test_a_stop_on_a_trigger_step_takes_its_eviction_back(server):
     counted = _evictions_counter(server)
     out = server.generate(text, max_new_tokens=200, stop_token_ids=[ids[m - 1]], vase=vase)
     assert out["output_ids"] == ids[:m]
-    assert out["meta_info"]["vase"]["evictions"] == evictions_in(prompt, m, budget, window)
+    assert out["meta_info"]["vase"]["evictions"] == Geometry(budget, window).evictions_in(prompt, m)
     # The engine did evict at the stopping step (Prometheus counts the work done).
     assert _evictions_counter(server) - counted == out["meta_info"]["vase"]["evictions"] + 1
 
@@ -152,7 +152,7 @@ def test_shared_system_prompt(server):
         meta = o["meta_info"]
         assert meta["cached_tokens"] >= 600, meta["cached_tokens"]
         assert meta["completion_tokens"] == 160 and meta["num_retractions"] == 0
-        assert meta["vase"]["evictions"] == evictions_in(meta["prompt_tokens"], 160, BUDGET, WINDOW)
+        assert meta["vase"]["evictions"] == Geometry(BUDGET, WINDOW).evictions_in(meta["prompt_tokens"], 160)
         assert meta["vase"]["peak_kv_len"] <= max(meta["prompt_tokens"], BUDGET) + WINDOW
     assert 16 * (prompt + BUDGET + WINDOW) > POOL  # unshared prompts could not run at once ...
     assert server.max_running_requests(offset) == 16  # ... shared ones do
@@ -176,7 +176,7 @@ def test_keep_prompt_shares_the_prompt_for_the_whole_request(server):
         prompt = meta["prompt_tokens"]
         assert meta["cached_tokens"] >= 600
         assert meta["vase"]["keep_prompt"] is True
-        assert meta["vase"]["evictions"] == evictions_in(prompt, 150, BUDGET, WINDOW, pinned=prompt) > 0
+        assert meta["vase"]["evictions"] == Geometry(BUDGET, WINDOW, prompt).evictions_in(prompt, 150) > 0
         assert max(prompt, BUDGET) + WINDOW < meta["vase"]["peak_kv_len"] <= prompt + BUDGET + WINDOW
     time.sleep(3)
     assert server.used_tokens() == 0
@@ -220,7 +220,7 @@ def test_a_cached_prompt_evicts_as_an_uncached_one(server, prompt_len):
     for name in QUERY_POLICIES:
         c, w = cold[name]["meta_info"], warm[name]["meta_info"]
         assert c["cached_tokens"] == 0 and w["cached_tokens"] == window_start, (name, w["cached_tokens"])
-        assert w["vase"]["evictions"] == c["vase"]["evictions"] == evictions_in(prompt_len, 48, BUDGET, WINDOW)
+        assert w["vase"]["evictions"] == c["vase"]["evictions"] == Geometry(BUDGET, WINDOW).evictions_in(prompt_len, 48)
         assert {k: w["vase"][k] for k in STATS} == {k: c["vase"][k] for k in STATS}, name
 
 

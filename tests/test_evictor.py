@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from sglang_vase.config import VaseParams
 from sglang_vase.engine import evictor
 from sglang_vase.engine.evictor import DEFAULT_WORKSPACE_BYTES, FAULT_ENV, Eviction, _Shape, evict, warm_up
-from sglang_vase.engine.selection import should_evict
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.engine.state import DeviceState, RequestState
 
 DEVICE = DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,7 +259,7 @@ def _decode_with_evictions(policy: str, sort_kept: bool, seed: int, budget=32, w
             device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), torch.randn(1, H_Q, D, generator=g))
         req_to_token[row, length] = slot
         length += 1
-        if position >= prompt and should_evict(length, budget, window):
+        if position >= prompt and Geometry(budget, window).triggers(length):
             result = evict([Eviction(row=row, length=length, state=state)], req_to_token, k_bufs, v_bufs, device)
             assert not result.failed
             free += result.freed_slots().tolist()

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from sglang_vase.engine.evictor import FAULT_ENV
-from sglang_vase.engine.state import evictions_in
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_final_stats_count_every_eviction(server, output):
     out = post(server, body(max_new_tokens=output)).json()
     meta = out["meta_info"]
     prompt = meta["prompt_tokens"]
-    assert meta["vase"]["evictions"] == evictions_in(prompt, output, BUDGET, WINDOW), meta["vase"]
+    assert meta["vase"]["evictions"] == Geometry(BUDGET, WINDOW).evictions_in(prompt, output), meta["vase"]
     assert meta["vase"]["peak_kv_len"] <= max(prompt, BUDGET) + WINDOW
 
 

@@ -16,7 +16,8 @@ import torch
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.admission import admission_slots, future_slots, own_bound
 from sglang_vase.engine.evictor import Eviction, evict
-from sglang_vase.engine.state import DeviceState, RequestState, evictions_in
+from sglang_vase.engine.geometry import Geometry
+from sglang_vase.engine.state import DeviceState, RequestState
 
 LAYERS, H_KV, H_Q, D, POOL, ROWS = 2, 2, 4, 16, 1024, 8
 BUDGET, WINDOW = 32, 8
@@ -108,7 +109,7 @@ def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
 
     result = evict([a, b], pool.req_to_token, pool.k, pool.v, pool.device, claim=_claim_from(pool))
     assert not result.failed and not result.deferred and len(result.evicted) == 2, f"seed {seed}"
-    length = st_a.evicted_length
+    length = st_a.geometry.evicted_length
     assert length == pinned + BUDGET
     for got, want in zip(pool.row_kv(2, length), pool.row_kv(1, length)):
         assert torch.equal(got, want), f"seed {seed}: B's compacted KV differs from A's"
@@ -172,8 +173,8 @@ def test_keep_prompt_trigger_and_bounds():
     params = VaseParams(policy="vase", budget=64, window=16, keep_prompt=True)
     st = RequestState(params, seed=0, rid="k", prefill_len=100, pinned=100)
     assert [n for n in range(100, 300) if st.due(n)] == list(range(180, 300, 16))
-    assert st.slot_bound() == 100 + 64 + 16 and st.evicted_length == 164
-    assert evictions_in(100, 100, 64, 16, pinned=100) == 2  # n = 180, 196 (the last step never evicts)
+    assert st.slot_bound() == 100 + 64 + 16 and st.geometry.evicted_length == 164
+    assert Geometry(64, 16, 100).evictions_in(100, 100) == 2  # n = 180, 196 (the last step never evicts)
     # A shared 100-token prompt held by the tree: the request owns at most B + R.
     assert own_bound(st, protected=100) == 80
     assert admission_slots(st, fill=100, matched=99, remaining_output=1000, radix=True) == 80

@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from sglang_vase.engine.state import evictions_in
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def test_the_chat_route_serves_it_by_name_and_evicts(server, folder):
     assert text and "<|im_start|>" not in text
     stats = chat.model_dump()["metadata"]["vase"][0]
     assert stats["budget"] == 64
-    assert stats["evictions"] == evictions_in(chat.usage.prompt_tokens, chat.usage.completion_tokens, 64, 16) > 0
+    assert stats["evictions"] == Geometry(64, 16).evictions_in(chat.usage.prompt_tokens, chat.usage.completion_tokens) > 0
 
 
 def test_the_engine_keep_sets_replayed_give_its_tokens(server, folder, trace_dir):
@@ -89,7 +89,7 @@ def test_the_engine_keep_sets_replayed_give_its_tokens(server, folder, trace_dir
     got = replay_engine_trace(load_model(folder, dtype=torch.float32), get_policy("snapkv", budget=budget, window=window),
                               prompt_ids, out, trace_dir)
     assert out["meta_info"]["vase"]["evictions"] == got.traces == got.evictions >= 5
-    assert got.evictions == evictions_in(len(prompt_ids), steps, budget, window)
+    assert got.evictions == Geometry(budget, window).evictions_in(len(prompt_ids), steps)
     assert got.first_mismatch is None, f"greedy token differs at step {got.first_mismatch}: {got}"
     assert got.max_logprob_error < 5e-3, got
     assert got.keep_agreement >= 0.9, got

@@ -262,6 +262,28 @@ def test_long_prompt_cut_at_next_window_multiple(model, long_prompt):
     assert_valid_keep_log(dec.keep_log, [cut - WINDOW, BUDGET], dec.n_kv, dec.n_layers)
 
 
+def test_keep_prompt_keeps_every_prompt_column(model, long_prompt):
+    """keep_prompt: the prompt's columns stay in every (layer, head) and B counts what follows them
+    (the engine's ``Geometry`` with pinned = P)."""
+    from sglang_vase.engine.geometry import Geometry
+
+    p, steps = len(long_prompt), BUDGET + 3 * WINDOW
+    geometry = Geometry(BUDGET, WINDOW, pinned=p)
+    dec = EvictingDecoder(model, get_policy("snapkv", budget=BUDGET, window=WINDOW), seed=1, keep_prompt=True)
+    logits = dec.prefill(long_prompt)
+    for _ in range(steps):
+        logits = dec.step(int(torch.argmax(logits)))
+        assert dec.physical_length <= geometry.slot_bound(p)
+    # The replay evicts at every trigger up to n = p + steps (the engine skips one at the last token).
+    assert dec.evictions == geometry.evictions_in(p, steps + 2) == 3
+    assert dec.physical_length == geometry.evicted_length + (p + steps - geometry.next_trigger(p)) % WINDOW
+    for layer in range(dec.n_layers):
+        pos = dec.slot_positions(layer)
+        assert torch.equal(pos[:, :p], torch.arange(p).expand(dec.n_kv, -1)), f"layer {layer}"
+        assert bool((pos[:, p:] >= p).all())
+    assert_valid_keep_log(dec.keep_log, [BUDGET] * 3, dec.n_kv, dec.n_layers)  # B candidates after the prompt
+
+
 # --- (5) keep sets are valid, and seeded -------------------------------------------------------
 def test_keep_log_valid_snapkv(snapkv_run, chat_prompt):
     dec = snapkv_run["dec"]

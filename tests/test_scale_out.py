@@ -9,7 +9,7 @@ import re
 import pytest
 import requests
 
-from sglang_vase.engine.state import evictions_in
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Router, Server
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_data_parallel_ranks_each_evict():
         with cf.ThreadPoolExecutor(4) as pool:
             metas = list(pool.map(generate, [0, 1, 0, 1]))
         for meta in metas:
-            assert meta["vase"]["evictions"] == evictions_in(meta["prompt_tokens"], 120, BUDGET, WINDOW) > 0
+            assert meta["vase"]["evictions"] == Geometry(BUDGET, WINDOW).evictions_in(meta["prompt_tokens"], 120) > 0
             assert meta["vase"]["peak_kv_len"] <= max(meta["prompt_tokens"], BUDGET) + WINDOW
         log = server.log()
         for rank in (0, 1):
@@ -75,7 +75,7 @@ def test_router_in_front_of_two_servers():
             body = r.json()
             stats = body["metadata"]["vase"]
             assert len(stats) == 1 and stats[0]["budget"] == 32, stats  # the request's budget, not the server's
-            expected = evictions_in(body["usage"]["prompt_tokens"], 100, 32, 16)
+            expected = Geometry(32, 16).evictions_in(body["usage"]["prompt_tokens"], 100)
             assert stats[0]["evictions"] == expected > 0
         for w in workers:
             assert w.log().count("POST /v1/completions") >= 2, "round robin skipped a worker"

@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 
-from sglang_vase.engine.state import evictions_in
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 
 pytestmark = pytest.mark.slow
@@ -59,9 +59,11 @@ def test_budget_above_length_is_plain_sglang(vase_server, plain_server):
     assert "vase" not in got["meta_info"]
 
 
-def test_evictions_match_the_reference_replay(vase_server, trace_dir):
+@pytest.mark.parametrize("keep_prompt", [False, True])
+def test_evictions_match_the_reference_replay(vase_server, trace_dir, keep_prompt):
     """SnapKV at B=64, R=16 over 300 steps: SGLang's per-head compaction with true positions gives
-    the logits of the plain-PyTorch reference applying the same keep sets (fp32 both)."""
+    the logits of the plain-PyTorch reference applying the same keep sets (fp32 both); with
+    keep_prompt the prompt's columns stay and B counts the tokens after them, in both."""
     from transformers import AutoTokenizer
 
     from sglang_vase.models import prepare_default_model
@@ -72,12 +74,16 @@ def test_evictions_match_the_reference_replay(vase_server, trace_dir):
     budget, window, steps = 64, 16, 300
     prompt_ids = AutoTokenizer.from_pretrained(prepare_default_model())(PROMPT).input_ids
     out = vase_server.generate(None, max_new_tokens=steps, ignore_eos=True,
-                               vase={"policy": "snapkv", "budget": budget, "window": window},
+                               vase={"policy": "snapkv", "budget": budget, "window": window,
+                                     "keep_prompt": keep_prompt},
                                extra={"input_ids": prompt_ids, "return_logprob": True, "top_logprobs_num": 5})
     assert len(out["output_ids"]) == steps
     got = replay_engine_trace(load_model(prepare_default_model(), dtype=torch.float32),
-                              get_policy("snapkv", budget=budget, window=window), prompt_ids, out, trace_dir)
-    assert out["meta_info"]["vase"]["evictions"] == got.traces == got.evictions >= 10
+                              get_policy("snapkv", budget=budget, window=window), prompt_ids, out, trace_dir,
+                              keep_prompt=keep_prompt)
+    pinned = len(prompt_ids) if keep_prompt else 0
+    expected = Geometry(budget, window, pinned).evictions_in(len(prompt_ids), steps)
+    assert out["meta_info"]["vase"]["evictions"] == got.traces == got.evictions == expected >= 10
     assert got.first_mismatch is None, f"greedy token differs at step {got.first_mismatch}"
     assert got.max_logprob_error < 2e-3, got
     # fp32 noise between the two stacks may flip a near-tie in a few of the 30 layers' top-k.
@@ -120,7 +126,7 @@ def test_memory_bound_with_concurrency_and_aborts(vase_server):
             continue
         assert meta["completion_tokens"] == 320
         assert meta["vase"]["peak_kv_len"] <= max(meta["prompt_tokens"], 128) + 32
-        assert meta["vase"]["evictions"] == evictions_in(meta["prompt_tokens"], 320, 128, 32) >= 5
+        assert meta["vase"]["evictions"] == Geometry(128, 32).evictions_in(meta["prompt_tokens"], 320) >= 5
         assert meta["num_retractions"] == 0
     assert len(results) == 20
     assert vase_server.alive(), vase_server.log()[-3000:]

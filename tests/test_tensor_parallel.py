@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.evictor import FAULT_ENV, Eviction, agree_over, evict
-from sglang_vase.engine.selection import should_evict
+from sglang_vase.engine.geometry import Geometry
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.serving import free_port
 
@@ -58,7 +58,7 @@ def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
                 device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), q)
             req_to_token[row, lengths[i]] = slot
             lengths[i] += 1
-            if position >= prompt and should_evict(lengths[i], budget, window):
+            if position >= prompt and Geometry(budget, window).triggers(lengths[i]):
                 due.append(Eviction(row=row, length=lengths[i], state=states[i]))
         if due:
             result = evict(due, req_to_token, k_bufs, v_bufs, device)

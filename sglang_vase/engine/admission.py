@@ -30,7 +30,7 @@ def own_bound(st: RequestState, protected: int, exclusive: int = 0) -> int:
     them (``releases_tree``)."""
     if not releases_tree(st, protected):
         exclusive = 0
-    after = st.evicted_length + st.params.window - min(protected, st.pinned)
+    after = st.geometry.slot_bound(st.prefill_len, evicted=True) - min(protected, st.pinned)
     before = st.slot_bound() - protected + exclusive
     return max(before, after)
 
@@ -44,7 +44,7 @@ def future_slots(st: RequestState, length: int, protected: int, remaining_output
         exclusive = 0
     held = length - protected + exclusive
     growth = max(0, own_bound(st, protected, exclusive) - held)
-    if protected > st.pinned and st.will_evict(length, remaining_output):
+    if protected > st.pinned and st.geometry.will_evict(length, remaining_output):
         return growth
     return min(remaining_output, growth)
 

@@ -106,10 +106,10 @@ class Eviction:
     def pinned(self) -> int:
         return self.state.pinned
 
-    def _geometry(self) -> tuple[int, int, int]:
+    def _columns(self) -> tuple[int, int, int]:
         """(first own candidate, own candidates kept as targets, shared tail columns)."""
         q, n, p = self.state.pinned, self.length, self.protected
-        window, keep = self.state.params.window, self.state.params.budget - self.state.params.window
+        window, keep = self.state.params.window, self.state.geometry.n_keep
         own_start = max(p, q) - q
         own = max(0, n - window - q - own_start)
         return own_start, min(keep, own), max(0, p - (n - window))
@@ -118,8 +118,8 @@ class Eviction:
     def fresh_needed(self) -> int:
         """Slots it needs beyond its own: targets its own candidates cannot provide, and copies of
         the shared columns in its recency tail."""
-        _, kept_own, shared_tail = self._geometry()
-        return self.state.params.budget - self.state.params.window - kept_own + shared_tail
+        _, kept_own, shared_tail = self._columns()
+        return self.state.geometry.n_keep - kept_own + shared_tail
 
     @property
     def protected_after(self) -> int:
@@ -510,11 +510,11 @@ class _Batch:
         request with fewer pads with a copy of its newest (own) tail slot onto itself.
         """
         g, r = self.shape.g, self.shape.policy.window
-        copies = max(m._geometry()[2] for m in self.members)
+        copies = max(m._columns()[2] for m in self.members)
         width = k + copies
         targets, sources, rows, freed = [], [], [], []
         for i, m in enumerate(self.members):
-            own_start, kept_own, shared_tail = m._geometry()
+            own_start, kept_own, shared_tail = m._columns()
             own = self.cand[i, own_start:]
             fresh = m.fresh.to(own) if m.fresh is not None else own[:0]
             if fresh.numel() != m.fresh_needed:

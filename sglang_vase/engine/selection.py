@@ -1,7 +1,7 @@
 """The eviction step every path shares: the SGLang engine and the transformers replay.
 
-Both call ``should_evict`` after each decode step and ``select_keep`` for each layer, so that a
-request evicts exactly the same tokens in either (same trigger, same seeds, same per-head keep sets).
+Both ask ``Geometry.triggers`` after each decode step and call ``select_keep`` for each layer, so that
+a request evicts exactly the same tokens in either (same trigger, same seeds, same per-head keep sets).
 """
 
 from __future__ import annotations
@@ -13,14 +13,6 @@ from sglang_vase.policies.base import Policy
 # The policy's noise stream for (eviction e, layer l) is e * _LAYER_STRIDE + l: distinct for every
 # layer of every eviction, while per-request-fixed noise (CurDKV's projection) ignores it.
 _LAYER_STRIDE = 1024
-
-
-def should_evict(n: int, budget: int, window: int, pinned: int = 0) -> bool:
-    """After a decode step, with physical length ``n`` (the new token included) of which the first
-    ``pinned`` columns are never evicted (the prompt with keep_prompt): the evictable length
-    g = n - pinned triggers at g > B, g % R == 0, and drops to B."""
-    g = n - pinned
-    return g > budget and g % window == 0
 
 
 def select_keep(

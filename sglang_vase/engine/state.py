@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_vase.config import VaseParams
-from sglang_vase.engine.selection import should_evict
+from sglang_vase.engine.geometry import Geometry
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +32,6 @@ def derive_seed(rid: str, server_seed: int | None) -> int:
     """A request's seed when it names none: stable for its id (and the server's --vase-seed)."""
     digest = hashlib.blake2b(f"{server_seed}:{rid}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
-
-
-def evictions_in(prefill_len: int, new_tokens: int, budget: int, window: int, pinned: int = 0) -> int:
-    """Evictions while a (re)prefill of ``prefill_len`` tokens goes on to sample ``new_tokens``.
-
-    The prefill samples the first token; decode step k writes token k and samples token k + 1, at
-    physical length prefill + k. The step that samples the last token finishes the request, which
-    is then released, not evicted: triggers (g = n - pinned > B, g % R == 0) count for n up to
-    prefill + new_tokens - 2, i.e. the first multiple of R above max(B, prefill - pinned), then every
-    R steps (g drops to B at each)."""
-    first = (max(budget, prefill_len - pinned) // window + 1) * window
-    last = prefill_len - pinned + new_tokens - 2
-    return 0 if first > last else 1 + (last - first) // window
 
 
 @dataclass
@@ -73,29 +60,24 @@ class RequestState:
     saved_skip_insert: bool | None = None
 
     @property
-    def evicted_length(self) -> int:
-        """Physical length right after an eviction: the pinned columns + B."""
-        return self.pinned + self.params.budget
+    def geometry(self) -> Geometry:
+        """Its budget, window and kept prompt: where its evictions fall."""
+        return Geometry(self.params.budget, self.params.window, self.pinned)
 
     def due(self, n: int) -> bool:
         """Whether physical length ``n`` is an eviction trigger. A request is only evicted after a
         decode step, never at the length its (re)prefill left it with."""
         if n == self.prefill_len and not self.evictions:
             return False
-        return should_evict(n, self.params.budget, self.params.window, self.pinned)
+        return self.geometry.triggers(n)
 
     def slot_bound(self) -> int:
-        """Most KV slots it can hold from now on (VASE_SPEC, static footprint): pinned +
-        max(prefill - pinned, B) + R until its first eviction, pinned + B + R after it (it then
-        oscillates between pinned + B and pinned + B + R)."""
-        if self.evictions:
-            return self.evicted_length + self.params.window
-        return self.pinned + max(self.prefill_len - self.pinned, self.params.budget) + self.params.window
+        """Most KV slots it can hold from now on (``Geometry.slot_bound``)."""
+        return self.geometry.slot_bound(self.prefill_len, evicted=self.evictions > 0)
 
     def reaches_trigger(self, remaining_new_tokens: int) -> bool:
         """Whether sampling ``remaining_new_tokens`` more tokens after the (re)prefill can evict."""
-        return evictions_in(self.prefill_len, remaining_new_tokens, self.params.budget, self.params.window,
-                            self.pinned) > 0
+        return self.geometry.evictions_in(self.prefill_len, remaining_new_tokens) > 0
 
     def first_window_start(self, remaining_new_tokens: int) -> int | None:
         """The first column of the query window that the first eviction after this (re)prefill scores
@@ -105,17 +87,8 @@ class RequestState:
         decoded positions only."""
         if not self.params.build_policy().needs_queries or not self.reaches_trigger(remaining_new_tokens):
             return None
-        budget, window = self.params.budget, self.params.window
-        first_trigger = (max(budget, self.prefill_len - self.pinned) // window + 1) * window
-        start = self.pinned + first_trigger - window
+        start = self.geometry.next_trigger(self.prefill_len) - self.params.window
         return start if start < self.prefill_len else None
-
-    def will_evict(self, n: int, remaining_new_tokens: int) -> bool:
-        """Whether a running request at physical length ``n`` (already evicted if due) reaches
-        another trigger while sampling ``remaining_new_tokens`` more tokens (the last one never
-        evicts: ``evictions_in``)."""
-        g, budget, window = n - self.pinned, self.params.budget, self.params.window
-        return (max(budget, g) // window + 1) * window <= g + remaining_new_tokens - 1
 
     def record(self, evicted_tokens: int) -> None:
         """Count one eviction of ``evicted_tokens`` tokens."""

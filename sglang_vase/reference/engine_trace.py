@@ -25,9 +25,10 @@ class TraceReplay:
     keep_agreement: float  # share of (eviction, layer) keep sets the reference would also select
 
 
-def replay_engine_trace(model, policy: Policy, prompt_ids: list[int], output: dict, trace_dir: str) -> TraceReplay:
+def replay_engine_trace(model, policy: Policy, prompt_ids: list[int], output: dict, trace_dir: str,
+                        keep_prompt: bool = False) -> TraceReplay:
     """``output``: the server's /generate answer for ``prompt_ids`` (greedy, ``return_logprob`` with
-    ``top_logprobs_num``) under ``policy``."""
+    ``top_logprobs_num``) under ``policy`` (and ``keep_prompt``, as the request set it)."""
     meta, out_ids = output["meta_info"], output["output_ids"]
     files = sorted(glob.glob(os.path.join(trace_dir, f"{meta['id']}-*.pt")),
                    key=lambda p: int(p.rsplit("-", 1)[1][:-3]))
@@ -39,7 +40,7 @@ def replay_engine_trace(model, policy: Policy, prompt_ids: list[int], output: di
         agree.append(torch.equal(ref.select_layer(layer).cpu(), recorded[eviction][layer]))
         return recorded[eviction][layer]
 
-    ref = EvictingDecoder(model, policy, seed=meta["vase"]["seed"], keep_override=engine_keep)
+    ref = EvictingDecoder(model, policy, seed=meta["vase"]["seed"], keep_override=engine_keep, keep_prompt=keep_prompt)
     logits = ref.prefill(prompt_ids)
     max_err, mismatch = 0.0, None
     for step, token in enumerate(out_ids):

@@ -10,15 +10,16 @@ KV cache ``[H_kv, n, D]`` of post-RoPE keys (after q_norm/k_norm for Qwen3), so 
   query);
 - a decode step appends the new K/V at the end of the cache (physical length n + 1) with RoPE at
   the TRUE absolute position, and attends over all n cached slots of each head;
-- after a decode step with ``selection.should_evict(n, B, R)``, every layer evicts: candidates are
-  slots 0..n-R-1, ``selection.select_keep`` picks K = B - R of them per KV head, and the cache
-  becomes ``cand[h, keep[h]] ++ cache[h, n-R:n]`` (n = B). The eviction counter counts events
-  (one per step that evicts, all layers).
+- after a decode step that ``Geometry.triggers`` (n - q > B, (n - q) % R == 0, q the kept prompt:
+  P with keep_prompt, else 0), every layer evicts: candidates are slots q..n-R-1,
+  ``selection.select_keep`` picks K = B - R of them per KV head, and the cache becomes
+  ``cache[h, :q] ++ cand[h, keep[h]] ++ cache[h, n-R:n]`` (n = q + B). The eviction counter counts
+  events (one per step that evicts, all layers).
 
-Rows. A decoder holds one or more rows (``Row``: policy, seed), all fed the same tokens; the
-single-request form ``EvictingDecoder(model, policy, seed)`` is one row. Rows that have not evicted
-yet hold the same cache, so it is stored and computed once (the trunk); at the first trigger of a
-budget its rows copy the trunk and go on as a stream of their own. One forward runs every stream:
+Rows. A decoder holds one or more rows (``Row``: policy, seed, keep_prompt), all fed the same tokens;
+the single-request form ``EvictingDecoder(model, policy, seed)`` is one row. Rows that have not
+evicted yet hold the same cache, so it is stored and computed once (the trunk); at the first trigger
+of a geometry (budget, kept prompt) its rows copy the trunk and go on as a stream of their own. One forward runs every stream:
 projections and MLP over all their tokens at once, attention per stream. ``extend(tokens)`` feeds
 several tokens in one forward (teacher forcing) and splits them at every trigger, so it computes
 what ``step`` computes token by token, up to the order of float sums.
@@ -47,7 +48,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from sglang_vase.engine.selection import select_keep, should_evict
+from sglang_vase.engine.geometry import Geometry
+from sglang_vase.engine.selection import select_keep
 from sglang_vase.policies.base import Policy
 
 # Attention is computed in query chunks so that the fp32 score matrix stays small.
@@ -60,11 +62,19 @@ KeepOverride = Callable[[int, int], "torch.Tensor | None"]
 class Row:
     """One request's eviction settings: ``policy`` None keeps the full cache; ``keep_override``
     ``f(eviction_index, layer) -> LongTensor [H_kv, B - R] or None`` replaces the policy's selection
-    for that (eviction, layer) when it returns a tensor (to replay an engine trace)."""
+    for that (eviction, layer) when it returns a tensor (to replay an engine trace); ``keep_prompt``
+    never evicts the prompt (B then counts the tokens after it), as ``custom_params.vase.keep_prompt``."""
 
     policy: Policy | None = None
     seed: int = 0
     keep_override: KeepOverride | None = None
+    keep_prompt: bool = False
+
+    def geometry(self, prompt_len: int) -> Geometry | None:
+        """Where it evicts after a ``prompt_len``-token prompt; None with the full cache."""
+        if self.policy is None:
+            return None
+        return Geometry(self.policy.budget, self.policy.window, prompt_len if self.keep_prompt else 0)
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -85,15 +95,15 @@ def _rope_function(attn: torch.nn.Module) -> Callable:
 
 class _Stream:
     """Rows whose caches hold the same tokens: the trunk (rows that have not evicted; one copy for
-    all) or the rows of one budget after their first eviction (one copy per row; each (layer, KV
+    all) or the rows of one geometry after their first eviction (one copy per row; each (layer, KV
     head) of each copy holds its own token set).
 
     Per layer: ``k``/``v`` ``[C, H_kv, capacity, D]``, ``pos`` ``[C, H_kv, capacity]`` (the true
     position of each slot); ``ring`` ``[C, L, R, H_q, D]`` or None; C copies.
     """
 
-    def __init__(self, rows: list[int], copies: int, budget: int | None, shape: tuple, dtype, device):
-        self.rows, self.copies, self.budget = rows, copies, budget
+    def __init__(self, rows: list[int], copies: int, geometry: Geometry | None, shape: tuple, dtype, device):
+        self.rows, self.copies, self.geometry = rows, copies, geometry
         self.length = 0
         self.evictions = 0
         n_layers, capacity, h_kv, head_dim = shape
@@ -106,11 +116,11 @@ class _Stream:
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
-    def branch(self, rows: list[int], budget: int, capacity: int) -> "_Stream":
+    def branch(self, rows: list[int], geometry: Geometry, capacity: int) -> "_Stream":
         """A stream of one copy per row of ``rows``, holding this (one-copy) stream's cache."""
         n = self.length
         _, h_kv, _, head_dim = self.k[0].shape
-        new = _Stream(rows, len(rows), budget, (len(self.k), capacity, h_kv, head_dim), self.k[0].dtype,
+        new = _Stream(rows, len(rows), geometry, (len(self.k), capacity, h_kv, head_dim), self.k[0].dtype,
                       self.k[0].device)
         for mine, theirs in ((self.k, new.k), (self.v, new.v), (self.pos, new.pos)):
             for src, dst in zip(mine, theirs):
@@ -137,8 +147,8 @@ class EvictingDecoder:
 
     Args:
         model: a causal LM loaded by ``load_model`` (any dtype/device).
-        policy, seed, keep_override: the single row of the one-request form (see ``Row``).
-        rows: several rows instead (then ``policy``, ``seed``, ``keep_override`` stay unset). Every
+        policy, seed, keep_override, keep_prompt: the single row of the one-request form (see ``Row``).
+        rows: several rows instead (then ``policy``, ``seed``, ``keep_override``, ``keep_prompt`` stay unset). Every
             row with a policy must use the same window (the query ring is shared until it branches).
         record_keeps: keep every eviction's keep sets in ``keep_log`` (CPU memory per row).
 
@@ -155,13 +165,14 @@ class EvictingDecoder:
         seed: int = 0,
         keep_override: KeepOverride | None = None,
         *,
+        keep_prompt: bool = False,
         rows: Sequence[Row] | None = None,
         record_keeps: bool = True,
     ):
         if rows is None:
-            rows = [Row(policy, seed, keep_override)]
-        elif policy is not None or keep_override is not None or seed:
-            raise ValueError("give either rows or one row's policy/seed/keep_override, not both")
+            rows = [Row(policy, seed, keep_override, keep_prompt)]
+        elif policy is not None or keep_override is not None or seed or keep_prompt:
+            raise ValueError("give either rows or one row's policy/seed/keep_override/keep_prompt, not both")
         if not rows:
             raise ValueError("a decoder needs at least one row")
         config = model.config
@@ -192,8 +203,6 @@ class EvictingDecoder:
         if len(windows) > 1:
             raise ValueError(f"rows with policies must share one window, got {sorted(windows)}")
         self.window = windows.pop() if windows else None
-        self.policy, self.seed, self.keep_override = self.rows[0].policy, self.rows[0].seed, self.rows[0].keep_override
-        self.budget = self.policy.budget if self.policy is not None else None
         self.record_keeps = record_keeps
 
         self.position = 0
@@ -202,6 +211,7 @@ class EvictingDecoder:
         self._streams: list[_Stream] = []
         self._trunk: _Stream | None = None
         self._where: list[tuple[_Stream, int]] = []  # row -> (stream, copy)
+        self._geometries: list[Geometry | None] = []  # row -> where it evicts (known at the prefill)
 
     # --- public API ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -214,7 +224,8 @@ class EvictingDecoder:
         if ids.numel() == 0:
             raise ValueError("the prompt must contain at least one token")
         p = self.prompt_length = ids.numel()
-        capacity = p if self.window is None else max(p, max(self._budgets())) + self.window
+        self._geometries = [r.geometry(p) for r in self.rows]
+        capacity = max([p] + [g.slot_bound(p) for g in self._geometries if g is not None])
         self._trunk = _Stream(list(range(len(self.rows))), 1, None,
                               (self.n_layers, capacity, self.n_kv, self.head_dim), self.dtype, self.device)
         if self.window is not None:
@@ -288,15 +299,11 @@ class EvictingDecoder:
         return self._select(stream, layer, [row], torch.tensor([copy], device=self.device))[0]
 
     # --- internals ----------------------------------------------------------------------------
-    def _budgets(self) -> set[int]:
-        return {r.policy.budget for r in self.rows if r.policy is not None}
-
     def _triggers(self, stream: _Stream, length: int) -> bool:
         """Whether a stream of ``length`` slots after a decode step evicts (or, the trunk, branches)."""
-        if stream.budget is not None:
-            return should_evict(length, stream.budget, self.window)
-        return any(should_evict(length, self.rows[r].policy.budget, self.window)
-                   for r in stream.rows if self.rows[r].policy is not None)
+        if stream.geometry is not None:
+            return stream.geometry.triggers(length)
+        return any(self._geometries[r].triggers(length) for r in stream.rows if self._geometries[r] is not None)
 
     def _tokens_to_next_trigger(self, available: int) -> int:
         for t in range(1, available):
@@ -316,7 +323,7 @@ class EvictingDecoder:
         streams = self._streams
         for s in streams:
             if s.length + t > s.capacity:
-                if s.budget is not None:  # the static footprint max(P, B) + R is never exceeded
+                if s.geometry is not None:  # the static footprint (Geometry.slot_bound) is never exceeded
                     raise RuntimeError(f"cache overflow: {s.length + t} slots > static capacity {s.capacity}")
                 s.grow(s.length + t)
         copies = [s.copies for s in streams]
@@ -381,16 +388,16 @@ class EvictingDecoder:
         return torch.cat(out, dim=3).view(c, h_q, t, d).to(q.dtype)
 
     def _evict_due(self) -> None:
-        """After a decode step: branch the trunk rows whose budget triggers, evict every due stream."""
+        """After a decode step: branch the trunk rows whose geometry triggers, evict every due stream."""
         trunk = self._trunk
         if trunk is not None:
             due = defaultdict(list)
             for r in trunk.rows:
-                policy = self.rows[r].policy
-                if policy is not None and should_evict(trunk.length, policy.budget, self.window):
-                    due[policy.budget].append(r)
-            for budget, rows in due.items():
-                stream = trunk.branch(rows, budget, max(self.prompt_length, budget) + self.window)
+                geometry = self._geometries[r]
+                if geometry is not None and geometry.triggers(trunk.length):
+                    due[geometry].append(r)
+            for geometry, rows in due.items():
+                stream = trunk.branch(rows, geometry, geometry.slot_bound(self.prompt_length))
                 self._streams.append(stream)
                 for c, r in enumerate(rows):
                     self._where[r] = (stream, c)
@@ -399,13 +406,13 @@ class EvictingDecoder:
                 self._streams.remove(trunk)
                 self._trunk = None
         for stream in self._streams:
-            if stream.budget is not None and should_evict(stream.length, stream.budget, self.window):
+            if stream.geometry is not None and stream.geometry.triggers(stream.length):
                 self._evict(stream)
 
     def _evict(self, stream: _Stream) -> None:
-        n, budget, window = stream.length, stream.budget, self.window
-        m = n - window  # candidates 0..m-1; the newest R slots are always kept
-        k_keep = budget - window
+        geometry, n = stream.geometry, stream.length
+        q, m = geometry.pinned, n - geometry.window  # candidates q..m-1; the newest R slots are always kept
+        k_keep, end = geometry.n_keep, geometry.evicted_length
         keeps = []
         for l in range(self.n_layers):
             forced = {}  # copy -> the keep set its row's override imposes
@@ -413,7 +420,7 @@ class EvictingDecoder:
                 override = self.rows[r].keep_override
                 keep = override(stream.evictions, l) if override is not None else None
                 if keep is not None:
-                    forced[c] = self._check_keep(keep, m, k_keep, l, stream.evictions)
+                    forced[c] = self._check_keep(keep, m - q, k_keep, l, stream.evictions)
             keep = torch.empty((stream.copies, self.n_kv, k_keep), dtype=torch.long, device=self.device)
             chosen = [c for c in range(stream.copies) if c not in forced]
             if chosen:
@@ -423,24 +430,25 @@ class EvictingDecoder:
                 keep[c] = f
             idx = keep[..., None].expand(-1, -1, -1, self.head_dim)
             keys, values, pos = stream.k[l], stream.v[l], stream.pos[l]
-            kept_k = torch.gather(keys[:, :, :m], 2, idx)
-            kept_v = torch.gather(values[:, :, :m], 2, idx)
-            kept_p = torch.gather(pos[:, :, :m], 2, keep)
+            kept_k = torch.gather(keys[:, :, q:m], 2, idx)
+            kept_v = torch.gather(values[:, :, q:m], 2, idx)
+            kept_p = torch.gather(pos[:, :, q:m], 2, keep)
             recent = [b[:, :, m:n].clone() for b in (keys, values, pos)]
-            keys[:, :, :k_keep], values[:, :, :k_keep], pos[:, :, :k_keep] = kept_k, kept_v, kept_p
-            keys[:, :, k_keep:budget], values[:, :, k_keep:budget], pos[:, :, k_keep:budget] = recent
+            mid = q + k_keep
+            keys[:, :, q:mid], values[:, :, q:mid], pos[:, :, q:mid] = kept_k, kept_v, kept_p
+            keys[:, :, mid:end], values[:, :, mid:end], pos[:, :, mid:end] = recent
             keeps.append(keep)
         if self.record_keeps:
             log = torch.stack(keeps, dim=1).cpu()  # [C, L, H_kv, K]
             for c, r in enumerate(stream.rows):
                 self._keep_logs[r].append(log[c])
         stream.evictions += 1
-        stream.length = budget
+        stream.length = end
 
     def _select(self, stream: _Stream, layer: int, rows: list[int], copies: torch.Tensor) -> torch.Tensor:
         """Keep sets ``[len(rows), H_kv, B - R]`` of ``layer`` for ``rows`` (held at ``copies`` of
         ``stream``), one batched ``select_keep`` per policy."""
-        m = stream.length - self.window
+        q, m = self._geometries[rows[0]].pinned, stream.length - self.window
         keep = torch.empty((len(rows), self.n_kv, self.rows[rows[0]].policy.n_keep), dtype=torch.long,
                            device=self.device)
         by_policy = defaultdict(list)
@@ -451,8 +459,8 @@ class EvictingDecoder:
             src = copies[at]
             keep[at] = select_keep(
                 self.rows[rows[members[0]]].policy,
-                stream.k[layer][src, :, :m],
-                stream.v[layer][src, :, :m],
+                stream.k[layer][src, :, q:m],
+                stream.v[layer][src, :, q:m],
                 stream.ring[src, layer].permute(0, 2, 1, 3),  # [g, H_q, R, D]
                 seeds=torch.tensor([self.rows[rows[i]].seed for i in members], dtype=torch.long, device=self.device),
                 evictions=torch.full((len(members),), stream.evictions, dtype=torch.long, device=self.device),
