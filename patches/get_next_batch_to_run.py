@@ -1,5 +1,9 @@
 """``Scheduler.get_next_batch_to_run`` (sglang 0.5.23): evict, as the first phase of a scheduling step.
 
+An adapter over ``engine.step``: SGLang's running requests, radix tree and allocator go in as its
+``Running`` and ``Slots``; what comes out (lowered lengths, released tree columns, failures) is
+written back into SGLang's batch and requests.
+
 Every request of the running batch whose physical length n reached its trigger is compacted down to
 q + B slots before SGLang does anything else this step: before admission (so the freed slots admit
 requests in this same step), before ``check_decode_mem`` and retraction, and before
@@ -33,14 +37,14 @@ before anything is aborted or lowered, so every rank keeps running the same batc
 import logging
 from http import HTTPStatus
 
-import torch
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.allocation import alloc_token_slots
 
 from sglang_vase import metrics
 from sglang_vase.engine import state
-from sglang_vase.engine.evictor import Eviction, agree_over, evict
+from sglang_vase.engine.evictor import agree_over
 from sglang_vase.engine.state import request_state
+from sglang_vase.engine.step import KVPool, due, evict_requests
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
 HOOK_TYPE = "BEFORE"
@@ -54,23 +58,73 @@ def hook(self, *args, **kwargs):
         return None
     in_flight = _in_flight(self)
     finishing = set(self._reqs_finishing_inflight(batch))
-    due, reqs = [], {}
-    for req in batch.reqs:
-        st = request_state(req)
-        if (st is None or not req.kv.holds_kv or req.finished() or req.to_finish is not None or req.is_retracted
-                or req in finishing):
-            continue
-        n = req.kv.kv_committed_len
-        st.peak_kv_len = max(st.peak_kv_len, n)
-        if st.due(n):
-            e = Eviction(row=req.kv.req_pool_idx, length=n, state=st, protected=req.kv.cache_protected_len)
-            due.append(e)
-            reqs[id(e)] = req
-    if due:
-        _evict(self, batch, due, reqs, in_flight)
-    elif metrics.enabled():
+    running = [_Running(req, self.tree_cache, req in in_flight) for req in batch.reqs
+               if request_state(req) is not None and req.kv.holds_kv and not req.finished()
+               and req.to_finish is None and not req.is_retracted and req not in finishing]
+    requests = due(running)
+    if not requests:
+        if metrics.enabled():
+            metrics.record_kv_used(_held_slots(self, batch))
+        return None
+    if self.enable_overlap:
+        # Forward N wrote the newest token's KV and query and reads the rows this rewrites.
+        self.device_module.current_stream().wait_stream(self.forward_stream)
+    pool = self.token_to_kv_pool_allocator.get_kvcache()
+    layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
+    kv = KVPool(self.req_to_token_pool.req_to_token, [pool.get_key_buffer(l) for l in layers],
+                [pool.get_value_buffer(l) for l in layers])
+    # Tensor parallelism: a failure on one rank only must abort the request on every rank.
+    agree = agree_over(self.tp_cpu_group) if self.tp_size > 1 else None
+    result = evict_requests(requests, kv, state.DEVICE, _Slots(self), agree)
+    if result.freed:
+        # SGLang retries admission only when the batch shrinks; freed slots are room for more.
+        batch.batch_is_full = False
+    for r in result.deferred:
+        logger.warning("sglang-vase: request %s evicts at its next trigger: no free KV slots for its copy of "
+                       "shared prefix tokens", r.state.rid)
+    for r, error in result.failed:
+        _abort(r, error)
+    if result.evicted:
+        _lower_lengths(self, batch, result.evicted)
+    if metrics.enabled():
+        metrics.record_evictions(len(result.evicted), result.freed)
         metrics.record_kv_used(_held_slots(self, batch))
     return None
+
+
+class _Running:
+    """An SGLang ``Req`` as ``engine.step.Running``."""
+
+    def __init__(self, req, tree, in_flight: bool):
+        self.req, self.tree, self.state = req, tree, request_state(req)
+        self.row, self.length, self.protected = req.kv.req_pool_idx, req.kv.kv_committed_len, req.kv.cache_protected_len
+        self.output_after_in_flight = len(req.output_ids) + 1 if in_flight else None
+
+    def release_tree(self) -> bool:
+        if self.req.lock is None:
+            return False
+        self.tree.unlock(self.req.lock)
+        self.req.lock = None
+        return True
+
+    def restore_tree(self) -> None:
+        self.req.lock = self.tree.lock(self.req.last_node)
+
+
+class _Slots:
+    """SGLang's token-to-KV allocator with the radix tree behind it, as ``engine.step.Slots``."""
+
+    def __init__(self, scheduler):
+        self.tree, self.allocator = scheduler.tree_cache, scheduler.token_to_kv_pool_allocator
+
+    def available(self) -> int:
+        return self.allocator.available_size() + self.tree.evictable_size()
+
+    def alloc(self, count: int):
+        return alloc_token_slots(self.tree, count)
+
+    def free(self, slots) -> None:
+        self.allocator.free(slots)
 
 
 def _in_flight(scheduler) -> set:
@@ -79,95 +133,36 @@ def _in_flight(scheduler) -> set:
     return set(queue[0][0].reqs) if queue else set()
 
 
-def _evict(self, batch, due, reqs, in_flight) -> None:
-    if self.enable_overlap:
-        # Forward N wrote the newest token's KV and query and reads the rows this rewrites.
-        self.device_module.current_stream().wait_stream(self.forward_stream)
-    pool = self.token_to_kv_pool_allocator.get_kvcache()
-    layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
-    round_ = evict(
-        due,
-        self.req_to_token_pool.req_to_token,
-        [pool.get_key_buffer(l) for l in layers],
-        [pool.get_value_buffer(l) for l in layers],
-        state.DEVICE,
-        workspace_bytes=due[0].state.params.workspace_mb << 20,
-        claim=lambda members: _claim(self, members, reqs),
-        # Tensor parallelism: a failure on one rank only must abort the request on every rank.
-        agree=agree_over(self.tp_cpu_group) if self.tp_size > 1 else None,
+def _abort(r: _Running, error: BaseException) -> None:
+    """End a request whose eviction failed through SGLang's own finish path, which frees its slots."""
+    if r.protected > r.state.pinned:  # its tree lock may be gone: its row must not enter the tree
+        _skip_tree_insert(r.req)
+    logger.error("sglang-vase: eviction of request %s failed; aborting it", r.req.rid, exc_info=error)
+    r.req.to_finish = FINISH_ABORT(
+        f"sglang-vase: KV eviction failed for this request ({type(error).__name__}: {error}); "
+        f"it was aborted, the server and other requests are unaffected",
+        status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
     )
-    allocator = self.token_to_kv_pool_allocator
-    freed = round_.freed_slots()
-    if freed is not None:
-        allocator.free(freed)
-        # SGLang retries admission only when the batch shrinks; freed slots are room for more.
-        batch.batch_is_full = False
-    for e in round_.deferred:
-        logger.warning("sglang-vase: request %s evicts at its next trigger: no %d free KV slots for its "
-                       "copy of shared prefix tokens", e.state.rid, e.fresh_needed)
-    for e, error in round_.failed:
-        req = reqs[id(e)]
-        if e.fresh is not None:  # claimed but never written into its row
-            allocator.free(e.fresh)
-        if e.protected_after < e.protected:  # its tree lock may be gone: its row must not enter the tree
-            _skip_tree_insert(req)
-        logger.error("sglang-vase: eviction of request %s failed; aborting it", req.rid, exc_info=error)
-        req.to_finish = FINISH_ABORT(
-            f"sglang-vase: KV eviction failed for this request ({type(error).__name__}: {error}); "
-            f"it was aborted, the server and other requests are unaffected",
-            status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
-        )
-    if round_.evicted:
-        _lower_lengths(self, batch, round_.evicted, reqs, in_flight)
-    if metrics.enabled():
-        metrics.record_evictions(len(round_.evicted), int(freed.numel()) if freed is not None else 0)
-        metrics.record_kv_used(_held_slots(self, batch))
 
 
-def _claim(self, members, reqs) -> list:
-    """Fresh slots for the copies of shared tree columns; releases the tree lock of a request that
-    stops reading tree columns first, so the tree can evict the prefix only it held. Returns the
-    members it could not serve, their locks restored."""
-    tree, allocator = self.tree_cache, self.token_to_kv_pool_allocator
-    unserved = []
-    for e in members:
-        req = reqs[id(e)]
-        released = e.protected_after < e.protected and req.lock is not None
-        if released:
-            tree.unlock(req.lock)
-            req.lock = None
-        need = e.fresh_needed
-        if need and allocator.available_size() + tree.evictable_size() < need:
-            if released:  # nothing was evicted since the unlock: the node is still there
-                req.lock = tree.lock(req.last_node)
-            unserved.append(e)
-            continue
-        if need:
-            e.fresh = alloc_token_slots(tree, need).to(torch.int64)
-    return unserved
-
-
-def _lower_lengths(self, batch, evicted, reqs, in_flight) -> None:
+def _lower_lengths(self, batch, evicted: list[_Running]) -> None:
     """SGLang's lengths and tree fields after the compaction (out of place: other holders keep
     their copy of the tensors)."""
-    index = {id(r): i for i, r in enumerate(batch.reqs)}
+    index = {id(req): i for i, req in enumerate(batch.reqs)}
     seq_lens, seq_lens_cpu = batch.seq_lens.clone(), batch.seq_lens_cpu.clone()
     orig = batch.orig_seq_lens.clone() if batch.orig_seq_lens is not None else None
-    for e in evicted:
-        req = reqs[id(e)]
-        i, length = index[id(req)], e.state.geometry.evicted_length
+    for r in evicted:
+        req, i = r.req, index[id(r.req)]
         kv = req.kv
-        kv.kv_committed_len = kv.kv_allocated_len = length
-        seq_lens[i] = seq_lens_cpu[i] = length
+        kv.kv_committed_len = kv.kv_allocated_len = r.length
+        seq_lens[i] = seq_lens_cpu[i] = r.length
         if orig is not None:
-            orig[i] = length
-        if e.protected_after < e.protected:
-            kv.cache_protected_len = e.protected_after
+            orig[i] = r.length
+        if r.protected < kv.cache_protected_len:
+            kv.cache_protected_len = r.protected
             if req.lock is None:
                 req.last_node = self.tree_cache.root_node_handle(req.extra_key)
         _skip_tree_insert(req)
-        if req in in_flight:
-            e.state.provisional = (len(req.output_ids) + 1, e.length - e.state.geometry.evicted_length)
     batch.seq_lens, batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens, seq_lens_cpu, None
     if orig is not None:
         batch.orig_seq_lens = orig

@@ -20,8 +20,10 @@ from torch.utils._pytree import tree_flatten
 from sglang_vase.config import VaseParams
 from sglang_vase.engine import evictor
 from sglang_vase.engine.evictor import DEFAULT_WORKSPACE_BYTES, FAULT_ENV, Eviction, _Shape, evict, warm_up
-from sglang_vase.engine.geometry import Geometry
+from sglang_vase.engine import step
 from sglang_vase.engine.state import DeviceState, RequestState
+from sglang_vase.engine.step import KVPool
+from step_harness import FreeList, Request
 
 DEVICE = DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, H_KV, H_Q, D, POOL, ROWS = 2, 2, 4, 16, 256, 6
@@ -238,36 +240,37 @@ def test_rank_local_heads_keep_what_one_process_keeps(policy):
 
 
 def _decode_with_evictions(policy: str, sort_kept: bool, seed: int, budget=32, window=8, prompt=10, steps=140):
-    """The engine's bookkeeping for one request: slots from a free list, a decode step appends one
-    token (KV written at row[length], query into the ring), ``evict`` at each trigger, the freed
-    slots back to the free list. V[..., 0] carries each token's true position, moved with it."""
+    """The engine's step for one request: slots from a free list, a decode step appends one token (KV
+    written at row[length], query into the ring), then ``engine.step`` evicts it if due and gives the
+    freed slots back. V[..., 0] carries each token's true position, moved with it."""
     g = torch.Generator().manual_seed(seed)
     params = VaseParams(policy=policy, budget=budget, window=window, sort_kept=sort_kept)
-    k_bufs = [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)]
-    v_bufs = [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)]
-    req_to_token = torch.zeros(ROWS, 512, dtype=torch.int32)
+    kv = KVPool(torch.zeros(ROWS, 512, dtype=torch.int32), [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)],
+                [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)])
     device = DeviceState(ROWS, 1, LAYERS, window, H_Q, D, torch.float32, "cpu")
     row = 1
-    state = RequestState(params, seed=seed, rid="pos", prefill_len=prompt, ring_row=device.bind_ring_row(row))
-    free, length, kept_after = list(range(1, POOL)), 0, []
+    req = Request(RequestState(params, seed=seed, rid="pos", prefill_len=prompt, ring_row=device.bind_ring_row(row)), row)
+    slots, kept_after = FreeList(range(1, POOL)), []
     for position in range(prompt + steps):
-        slot = free.pop(0)
+        slot = slots.take()
         for layer in range(LAYERS):
-            k_bufs[layer][slot] = torch.randn(H_KV, D, generator=g)
-            v_bufs[layer][slot] = torch.randn(H_KV, D, generator=g)
-            v_bufs[layer][slot, :, 0] = float(position)
+            kv.k_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)
+            kv.v_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)
+            kv.v_buffers[layer][slot, :, 0] = float(position)
             device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), torch.randn(1, H_Q, D, generator=g))
-        req_to_token[row, length] = slot
-        length += 1
-        if position >= prompt and Geometry(budget, window).triggers(length):
-            result = evict([Eviction(row=row, length=length, state=state)], req_to_token, k_bufs, v_bufs, device)
-            assert not result.failed
-            free += result.freed_slots().tolist()
-            length = budget
-            slots = req_to_token[row, :budget].long()
-            kept_after.append((position, [[set(v_bufs[l][slots, h, 0].long().tolist()) for h in range(H_KV)]
+        kv.req_to_token[row, req.length] = slot
+        req.length += 1
+        if position < prompt - 1:  # the prefill: no step yet
+            continue
+        result = step.evict_requests(step.due([req]), kv, device, slots)
+        assert not result.failed
+        if result.evicted:
+            assert req.length == budget and result.freed == window
+            held = kv.req_to_token[row, :budget].long()
+            kept_after.append((position, [[set(kv.v_buffers[l][held, h, 0].long().tolist()) for h in range(H_KV)]
                                           for l in range(LAYERS)]))
-    assert state.evictions == len(kept_after) >= 10
+    assert req.state.evictions == len(kept_after) >= 10
+    assert sorted(slots.slots + kv.req_to_token[row, :req.length].tolist()) == list(range(1, POOL))  # none lost
     return kept_after
 
 

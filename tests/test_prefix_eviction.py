@@ -9,15 +9,19 @@ topped up from fresh slots. With keep_prompt the pinned columns are never candid
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.admission import admission_slots, future_slots, own_bound
-from sglang_vase.engine.evictor import Eviction, evict
+from sglang_vase.engine import step
+from sglang_vase.engine.evictor import Eviction
 from sglang_vase.engine.geometry import Geometry
 from sglang_vase.engine.state import DeviceState, RequestState
+from sglang_vase.engine.step import KVPool
+from step_harness import Request
 
 LAYERS, H_KV, H_Q, D, POOL, ROWS = 2, 2, 4, 16, 1024, 8
 BUDGET, WINDOW = 32, 8
@@ -33,6 +37,7 @@ class Pool:
         self.req_to_token = torch.zeros(ROWS, 512, dtype=torch.int32)
         self.free = torch.randperm(POOL - 1, generator=self.g) + 1  # slot 0 is SGLang's padding
         self.device = DeviceState(ROWS, ROWS, LAYERS, WINDOW, H_Q, D, torch.float32, "cpu")
+        self.kv = KVPool(self.req_to_token, self.k, self.v)
 
     def take(self, count: int) -> torch.Tensor:
         out, self.free = self.free[:count], self.free[count:]
@@ -61,17 +66,50 @@ def _request(pool: Pool, row: int, seed: int, params: VaseParams, pinned: int, r
     return st
 
 
-def _claim_from(pool: Pool, supply=None):
-    def claim(members):
-        unserved = []
-        for e in members:
-            if e.fresh_needed:
-                if supply is None and pool.free.numel() < e.fresh_needed:
-                    unserved.append(e)
-                    continue
-                e.fresh = supply(e) if supply is not None else pool.take(e.fresh_needed)
-        return unserved
-    return claim
+class Tree:
+    """``engine.step.Slots``: the pool's free list with a radix tree behind it. Tree slots whose only
+    lock was released are evictable and handed out first (as SGLang's tree evicts to allocate)."""
+
+    def __init__(self, pool: Pool):
+        self.pool, self.evictable, self.freed = pool, [], []
+        self.given: dict[int, torch.Tensor] = {}  # call number -> slots handed out
+
+    def available(self) -> int:
+        return self.pool.free.numel() + len(self.evictable)
+
+    def alloc(self, count: int) -> torch.Tensor:
+        reuse, self.evictable = self.evictable[:count], self.evictable[count:]
+        out = torch.cat([torch.tensor(reuse, dtype=torch.int64), self.pool.take(count - len(reuse))])
+        self.given[len(self.given)] = out
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.freed += slots.tolist()
+
+
+@dataclass
+class TreeRequest(Request):
+    """A request reading its first ``protected`` columns from the tree slots ``tree_slots`` under a
+    tree lock; ``sole`` when no other request locks them (released, they become evictable)."""
+
+    tree: Tree | None = None
+    tree_slots: torch.Tensor | None = None
+    sole: bool = False
+    locked: bool = True
+
+    def release_tree(self) -> bool:
+        if not self.locked:
+            return False
+        self.locked = False
+        if self.sole:
+            self.tree.evictable += self.tree_slots.flip(0).tolist()  # another order: sources and targets overlap
+        return True
+
+    def restore_tree(self) -> None:
+        self.locked = True
+        if self.sole:
+            mine = set(self.tree_slots.tolist())
+            self.tree.evictable = [t for t in self.tree.evictable if t not in mine]
 
 
 CASES = {  # (keep_prompt, pinned prompt, tree columns, physical length n, fresh slots needed); K = 24
@@ -103,28 +141,31 @@ def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
     tree_kv = [(pool.k[l][tree].clone(), pool.v[l][tree].clone()) for l in range(LAYERS)]
     before_c = pool.req_to_token[3].clone()
     st_a, st_b = (_request(pool, row, 77, params, pinned, ring) for row in (1, 2))
-    a, b = Eviction(1, n, st_a), Eviction(2, n, st_b, protected=protected)
-    assert st_a.due(n) and a.fresh_needed == 0
-    assert b.fresh_needed == fresh_needed
+    assert Eviction(1, n, st_a).fresh_needed == 0 and Eviction(2, n, st_b, protected=protected).fresh_needed == fresh_needed
+    slots = Tree(pool)
+    a, b = Request(st_a, 1, n), TreeRequest(st_b, 2, n, protected, tree=slots, tree_slots=tree)
 
-    result = evict([a, b], pool.req_to_token, pool.k, pool.v, pool.device, claim=_claim_from(pool))
-    assert not result.failed and not result.deferred and len(result.evicted) == 2, f"seed {seed}"
+    result = step.evict_requests(step.due([a, b]), pool.kv, pool.device, slots)
+    assert not result.failed and not result.deferred and result.evicted == [a, b], f"seed {seed}"
     length = st_a.geometry.evicted_length
-    assert length == pinned + BUDGET
+    assert length == pinned + BUDGET == a.length == b.length
     for got, want in zip(pool.row_kv(2, length), pool.row_kv(1, length)):
         assert torch.equal(got, want), f"seed {seed}: B's compacted KV differs from A's"
     new_b = set(pool.req_to_token[2, :length].tolist())
-    freed = set(result.freed_slots().tolist())
+    freed = set(slots.freed)
+    assert len(freed) == result.freed
     pinned_tree = set(tree[:pinned].tolist())
     assert new_b & set(tree.tolist()) == pinned_tree and not freed & set(tree.tolist()), f"seed {seed}"
     # Every slot B owned or was given is in its new row or freed, not both.
-    fresh = set(b.fresh.tolist()) if b.fresh is not None else set()
+    fresh = set(torch.cat(list(slots.given.values())).tolist()) if slots.given else set()
+    assert len(fresh) == fresh_needed
     owned = set(b_own.tolist()) | fresh
     assert (new_b - pinned_tree) | (freed & owned) == owned and not (new_b & freed)
     assert torch.equal(pool.req_to_token[3], before_c)
     for l in range(LAYERS):
         assert torch.equal(pool.k[l][tree], tree_kv[l][0]) and torch.equal(pool.v[l][tree], tree_kv[l][1])
-    assert b.protected_after == min(protected, pinned)
+    assert b.protected == min(protected, pinned)  # the tree columns it still reads: pinned ones
+    assert b.locked == (protected <= pinned)  # it released its tree lock if it stopped reading tree columns
     assert pool.device.position_offset[1] == pool.device.position_offset[2] == 5 + n - length
 
 
@@ -142,11 +183,11 @@ def test_fresh_slots_may_be_the_tree_slots_it_reads():
     pool.fill(1, a_slots, data)
     pool.fill(2, torch.cat([tree, b_own]), data)
     st_a, st_b = (_request(pool, row, 9, params, 0, ring) for row in (1, 2))
-    b = Eviction(2, n, st_b, protected=prompt)
-    reuse = tree.flip(0)  # the tree's slots, in another order: sources and targets overlap
-    result = evict([Eviction(1, n, st_a), b], pool.req_to_token, pool.k, pool.v, pool.device,
-                   claim=_claim_from(pool, supply=lambda e: reuse[: e.fresh_needed]))
+    slots = Tree(pool)
+    b = TreeRequest(st_b, 2, n, prompt, tree=slots, tree_slots=tree, sole=True)
+    result = step.evict_requests([Request(st_a, 1, n), b], pool.kv, pool.device, slots)
     assert len(result.evicted) == 2
+    assert set(slots.given[0].tolist()) <= set(tree.tolist()), "the fresh slots were not the released tree slots"
     for got, want in zip(pool.row_kv(2, BUDGET), pool.row_kv(1, BUDGET)):
         assert torch.equal(got, want), f"seed {seed}"
 
@@ -160,9 +201,11 @@ def test_a_request_without_fresh_slots_is_deferred_untouched():
     st = _request(pool, 2, 1, params, 0, torch.randn(pool.device.ring.shape[1:], generator=pool.g))
     before = [x.clone() for x in pool.row_kv(2, n)]
     row = pool.req_to_token[2].clone()
-    e = Eviction(2, n, st, protected=prompt)
-    result = evict([e], pool.req_to_token, pool.k, pool.v, pool.device, claim=lambda members: list(members))
-    assert result.deferred == [e] and not result.evicted and result.freed_slots() is None
+    pool.free = pool.free[:0]  # no free slot, and the tree slots are shared: nothing to allocate
+    req = TreeRequest(st, 2, n, prompt, tree=Tree(pool), tree_slots=row[:prompt].long())
+    result = step.evict_requests(step.due([req]), pool.kv, pool.device, req.tree)
+    assert result.deferred == [req] and not result.evicted and result.freed == 0
+    assert req.locked and req.length == n and req.protected == prompt  # its tree lock taken back
     assert torch.equal(pool.req_to_token[2], row) and st.evictions == 0
     assert all(torch.equal(x, y) for x, y in zip(pool.row_kv(2, n), before))
 
@@ -229,20 +272,13 @@ def test_a_tree_slot_another_request_released_is_only_reused_after_it_was_read(m
         pool.fill(row, torch.cat([tree, pool.take(n - prompt)]), data)
         rows[name] = (row, twin, tree)
     states = {row: _request(pool, row, 3, params, 0, ring) for row in (1, 2, 3, 4)}
-    released = []  # tree slots whose lock was released, handed out again first
-
-    def claim(members):
-        for e in members:
-            released.extend(rows["b" if e.row == 2 else "c"][2].tolist())
-            reuse, released[:] = released[: e.fresh_needed], released[e.fresh_needed :]
-            e.fresh = torch.cat([torch.tensor(reuse, dtype=torch.int64), pool.take(e.fresh_needed - len(reuse))])
-        return []
-
-    due = [Eviction(1, n, states[1]), Eviction(4, n, states[4]), Eviction(2, n, states[2], protected=prompt),
-           Eviction(3, n, states[3], protected=prompt)]
-    result = evict(due, pool.req_to_token, pool.k, pool.v, pool.device, claim=claim)
+    slots = Tree(pool)
+    running = [Request(states[1], 1, n), Request(states[4], 4, n)] + [
+        TreeRequest(states[row], row, n, prompt, tree=slots, tree_slots=tree, sole=True) for row, _, tree in rows.values()]
+    result = step.evict_requests(step.due(running), pool.kv, pool.device, slots)
     assert len(result.evicted) == 4 and not result.failed
-    assert set(due[3].fresh.tolist()) & set(rows["b"][2].tolist()), "C was not handed B's released slots"
+    c_fresh = slots.given[1]  # B claims first (call 0), then C
+    assert set(c_fresh.tolist()) & set(rows["b"][2].tolist()), "C was not handed B's released slots"
     for name in ("b", "c"):
         row, twin, _ = rows[name]
         for got, want in zip(pool.row_kv(row, BUDGET), pool.row_kv(twin, BUDGET)):

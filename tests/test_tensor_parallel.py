@@ -20,9 +20,11 @@ import torch.multiprocessing as mp
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.evictor import FAULT_ENV, Eviction, agree_over, evict
-from sglang_vase.engine.geometry import Geometry
+from sglang_vase.engine import step
 from sglang_vase.engine.state import DeviceState, RequestState
+from sglang_vase.engine.step import KVPool
 from sglang_vase.serving import free_port
+from step_harness import FreeList, Request
 
 LAYERS, H_KV, GROUP, D, POOL, ROWS, WORLD = 2, 4, 2, 16, 512, 6, 2
 # (req_to_token row, prompt length, budget, window): triggers at different steps for each.
@@ -31,47 +33,44 @@ STEPS = 64
 
 
 def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
-    """Decode every request for STEPS tokens holding KV heads ``heads`` (their query heads too).
-    Every process draws the K/V/q of all heads from one generator and keeps its slice."""
+    """Decode every request for STEPS tokens holding KV heads ``heads`` (their query heads too), one
+    ``engine.step`` after each decode step. Every process draws the K/V/q of all heads from one
+    generator and keeps its slice."""
     g = torch.Generator().manual_seed(seed)
     h_local = heads.stop - heads.start
-    k_bufs = [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)]
-    v_bufs = [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)]
-    req_to_token = torch.zeros(ROWS, 256, dtype=torch.int32)
+    kv = KVPool(torch.zeros(ROWS, 256, dtype=torch.int32), [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)],
+                [torch.zeros(POOL, h_local, D) for _ in range(LAYERS)])
     ring_window = max(w for *_, w in REQUESTS)
     device = DeviceState(ROWS, len(REQUESTS), LAYERS, ring_window, h_local * GROUP, D, torch.float32, "cpu",
                          head_offset=heads.start)
-    states = [RequestState(VaseParams(policy=policy, budget=b, window=w), seed=seed + i, rid=f"r{i}",
-                           prefill_len=p, ring_row=device.bind_ring_row(row))
-              for i, (row, p, b, w) in enumerate(REQUESTS)]
-    free, lengths, events = list(range(1, POOL)), [0] * len(REQUESTS), []
+    reqs = [Request(RequestState(VaseParams(policy=policy, budget=b, window=w), seed=seed + i, rid=f"r{i}",
+                                 prefill_len=p, ring_row=device.bind_ring_row(row)), row)
+            for i, (row, p, b, w) in enumerate(REQUESTS)]
+    slots, events = FreeList(range(1, POOL)), []
     for position in range(max(p for _, p, _, _ in REQUESTS) + STEPS):
-        due = []
-        for i, (row, prompt, budget, window) in enumerate(REQUESTS):
+        stepped = []
+        for req, (row, prompt, _, _) in zip(reqs, REQUESTS):
             if position >= prompt + STEPS:
                 continue
-            slot = free.pop(0)
+            slot = slots.take()
             for layer in range(LAYERS):
-                k_bufs[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
-                v_bufs[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
+                kv.k_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
+                kv.v_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
                 q = torch.randn(1, H_KV * GROUP, D, generator=g)[:, heads.start * GROUP : heads.stop * GROUP]
                 device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), q)
-            req_to_token[row, lengths[i]] = slot
-            lengths[i] += 1
-            if position >= prompt and Geometry(budget, window).triggers(lengths[i]):
-                due.append(Eviction(row=row, length=lengths[i], state=states[i]))
+            kv.req_to_token[row, req.length] = slot
+            req.length += 1
+            if position >= prompt - 1:  # past its prefill
+                stepped.append(req)
+        due = step.due(stepped)
         if due:
-            result = evict(due, req_to_token, k_bufs, v_bufs, device)
+            triggers = [(r.row, r.length) for r in due]
+            result = step.evict_requests(due, kv, device, slots)
             assert not result.failed, result.failed
-            freed = result.freed_slots().tolist()
-            free += freed
-            for i, st in enumerate(states):
-                if any(e.state is st for e in result.evicted):
-                    lengths[i] = st.params.budget
-            events.append((position, [(e.row, e.length) for e in due], freed))
-    assert all(st.evictions >= 5 for st in states), [st.evictions for st in states]
-    return events, {"k": k_bufs, "v": v_bufs, "rows": req_to_token, "offsets": device.position_offset,
-                    "lengths": lengths}
+            events.append((position, triggers, slots.freed[len(slots.freed) - result.freed:]))
+    assert all(r.state.evictions >= 5 for r in reqs), [r.state.evictions for r in reqs]
+    return events, {"k": kv.k_buffers, "v": kv.v_buffers, "rows": kv.req_to_token, "offsets": device.position_offset,
+                    "lengths": [r.length for r in reqs]}
 
 
 def _rank(rank: int, port: int, policy: str, seed: int) -> None:

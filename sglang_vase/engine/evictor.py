@@ -54,7 +54,6 @@ their noise by global head index, layers by their index: any split keeps exactly
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -172,10 +171,11 @@ def evict(
     """Compact every due request's KV, rewrite its row, and update its state."""
     groups: dict[tuple, list[Eviction]] = defaultdict(list)
     for e in due:
-        groups[(dataclasses.replace(e.state.params, seed=None), e.length - e.pinned)].append(e)
+        # One policy object per setting (``VaseParams.build_policy`` caches them); seeds stay per member.
+        groups[(e.state.policy, e.length - e.pinned)].append(e)
     result = RoundResult()
-    for (params, g), members in groups.items():
-        shape = _Shape.of(params.build_policy(), g, k_buffers[0], device, len(k_buffers))
+    for (policy, g), members in groups.items():
+        shape = _Shape.of(policy, g, k_buffers[0], device, len(k_buffers))
         plan = shape.plan(workspace_bytes)
         for i in range(0, len(members), plan.requests):
             _evict_batch(members[i : i + plan.requests], shape, plan, req_to_token, k_buffers, v_buffers, device,

@@ -24,6 +24,7 @@ import torch
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.geometry import Geometry
+from sglang_vase.policies.base import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class RequestState:
     saved_skip_insert: bool | None = None
 
     @property
+    def policy(self) -> Policy:
+        """Its policy object: one per setting, shared by the requests that have it."""
+        return self.params.build_policy()
+
+    @property
     def geometry(self) -> Geometry:
         """Its budget, window and kept prompt: where its evictions fall."""
         return Geometry(self.params.budget, self.params.window, self.pinned)
@@ -85,7 +91,7 @@ class RequestState:
         come from the prefill, so a prefill that skips them (a radix-cache hit) must not. None when the
         policy scores without queries, the request never reaches its trigger, or the window lies in
         decoded positions only."""
-        if not self.params.build_policy().needs_queries or not self.reaches_trigger(remaining_new_tokens):
+        if not self.policy.needs_queries or not self.reaches_trigger(remaining_new_tokens):
             return None
         start = self.geometry.next_trigger(self.prefill_len) - self.params.window
         return start if start < self.prefill_len else None
@@ -134,7 +140,7 @@ def needs_ring_row(req) -> bool:
     """Whether an SGLang ``Req`` must get a query-ring row: it holds none, its policy scores with
     the window's queries and its remaining output can reach the trigger (n > B, n % R == 0)."""
     st = request_state(req)
-    if st is None or st.ring_row or not st.params.build_policy().needs_queries:
+    if st is None or st.ring_row or not st.policy.needs_queries:
         return False
     max_new = req.sampling_params.max_new_tokens
     return st.reaches_trigger((1 << 30 if max_new is None else max_new) - len(req.output_ids))
