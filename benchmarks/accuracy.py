@@ -46,13 +46,9 @@ from pathlib import Path
 
 import requests
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/reasoning"
-DEFAULT_OUT_DIR = HERE / "results"
+from common import DATA_DIR as DEFAULT_DATA_DIR, MATH_SUFFIX, REPO, RESULTS_DIR as DEFAULT_OUT_DIR, TEMPERATURE, TOP_P, \
+    machine_info
 
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-TEMPERATURE = 0.6
-TOP_P = 0.95
 DEFAULT_MAX_TOKENS = 32768
 
 # task -> (data file, kind, default n samples per question)
@@ -411,7 +407,7 @@ def run(endpoint: str, task: str, label: str | None = None, n: int | None = None
         "errors": errors[:20], "complete": stats["n_samples"] == len(items) * n,
         "runtime_s_this_call": round(elapsed, 2),
         "partial_file": _rel(partial), "config_key": config_key,
-        "note": "; ".join(notes) or None, "per_question": stats["per_question"],
+        "note": "; ".join(notes) or None, "machine": machine_info(), "per_question": stats["per_question"],
     }
     _write_json(out_dir / f"accuracy_{task}_{label}.json", summary)
     if plot:
@@ -421,7 +417,7 @@ def run(endpoint: str, task: str, label: str | None = None, n: int | None = None
 
 def _rel(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(HERE.parent))
+        return str(path.resolve().relative_to(REPO))
     except ValueError:
         return str(path)
 

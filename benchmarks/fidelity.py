@@ -87,7 +87,6 @@ import concurrent.futures as cf
 import datetime as _dt
 import json
 import math
-import platform
 import shlex
 import sys
 import threading
@@ -97,15 +96,11 @@ from pathlib import Path
 
 import torch
 
+from common import DATA_DIR, MATH_SUFFIX, RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, machine_info, problems
 from sglang_vase.serving import Server
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DEFAULT_DATA_DIR = ROOT.parent / "shared/data/reasoning"
-DEFAULT_OUT = HERE / "results" / "fidelity.json"
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-TEMPERATURE = 0.6
-TOP_P = 0.95
+DEFAULT_DATA_DIR = DATA_DIR
+DEFAULT_OUT = RESULTS_DIR / "fidelity.json"
 # One torch thread per server process: the replay shares the cores.
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ORDERS = ("released", "sorted")
@@ -135,25 +130,14 @@ def load_prompts(tokenizer, data_dir: Path, dataset: str, n: int, max_prompt_tok
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (use --data-dir)")
     out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            question = row.get("problem") or row.get("question")
-            if not question:
-                continue
-            messages = [{"role": "user", "content": question + MATH_SUFFIX}]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
-                ids = ids["input_ids"]
-            ids = [int(t) for t in ids]
-            if len(ids) > max_prompt_tokens:
-                continue
-            out.append({"index": len(out), "line": line_no, "source_id": row.get("unique_id", row.get("id")),
-                        "prompt_tokens": len(ids), "input_ids": ids})
-            if len(out) >= n:
-                break
+    for line_no, row, question in problems(path):
+        ids = chat_ids(tokenizer, question + MATH_SUFFIX)
+        if len(ids) > max_prompt_tokens:
+            continue
+        out.append({"index": len(out), "line": line_no, "source_id": row.get("unique_id", row.get("id")),
+                    "prompt_tokens": len(ids), "input_ids": ids})
+        if len(out) >= n:
+            break
     if len(out) < n:
         raise ValueError(f"only {len(out)} problems of {path} fit --max-prompt-tokens {max_prompt_tokens}")
     return out
@@ -718,29 +702,6 @@ def plot(rows: list[dict], vrange: list[dict], out: Path) -> list[str]:
     return paths
 
 
-def machine_info() -> dict:
-    import transformers
-
-    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
-    try:
-        info["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        import sglang
-
-        info["sglang"] = sglang.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        info["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
-
-
 # ------------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -858,9 +819,9 @@ def main(argv=None) -> dict:
                    "kl_rule": "KL(full || evicted) per row, clamped at >= 0; 'after' = rows computed "
                               "after the first eviction, 'all' = every row; per-prompt means averaged over prompts; "
                               "mean and std (ddof=1) over seeds"},
-        "machine": machine_info(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
+        "machine": (machine := machine_info(str(Path(__file__).resolve()), argv)),
+        "date": machine["date"],
+        "command": machine["command"],
         "prompts": [{k: p[k] for k in ("index", "line", "source_id", "prompt_tokens")} for p in all_prompts],
     }
     for p, rp in zip(prompts, result["prompts"]):

@@ -73,7 +73,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -82,11 +81,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DATA_DIR, MATH_SUFFIX, RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, machine_info, problems
 from sglang_vase.serving import Server
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "reasoning"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "throughput.json"
+DEFAULT_DATA_DIR = DATA_DIR
+DEFAULT_OUT = RESULTS_DIR / "throughput.json"
 RESTRICTED = ["--disable-radix-cache", "--disable-overlap-schedule"]
 # name -> (sglang-vase?, extra flags)
 SYSTEMS = {
@@ -99,7 +98,6 @@ BASELINES = ("sglang", "sglang-restricted")
 WORKLOADS = ("distinct", "shared")
 # Every decode step logged; streamed chunks carry only new tokens.
 MEASURE_FLAGS = ["--decode-log-interval", "1", "--incremental-streaming-output"]
-PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 SYSTEM_TEXT = ("You are a meticulous competition mathematician. Restate the problem, list what is known, "
                "try small cases, prove every step, check the arithmetic twice and box the final answer. ")
 # SGLang admits an ignore_eos request only if its whole lifetime fits with a token to spare per
@@ -164,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ignore-eos", action="store_true",
                    help="let requests stop at EOS (output lengths vary; plain SGLang then admits by its "
                         "new-token-ratio estimate and may retract)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=TOP_P)
     p.add_argument("--systems", default="sglang,sglang-restricted,sglang-vase",
                    help=f"which systems to run, of {', '.join(SYSTEMS)} (default: all but sglang-vase-restricted)")
     p.add_argument("--server-args", default="", help="extra flags for every server, one quoted string")
@@ -215,30 +213,13 @@ def resolve_levels(specs: list[str], limit: int) -> list[int]:
 # -------------------------------------------------------------------------------------- prompts
 
 
-def _chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(((system + "\n") if system else "") + text)["input_ids"])
-
-
-def _problems(path: Path):
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            yield (row.get("problem") or row.get("question") or "") + PROMPT_SUFFIX
-
-
 def load_prompts(path: Path, tokenizer, n: int, max_len: int, system: str | None = None) -> list[list[int]]:
     """The first ``n`` problems of a JSONL file whose chat-formatted prompt fits ``max_len`` tokens
     (counting the tokens after ``system``, when given)."""
-    base = len(_chat_ids(tokenizer, "", system)) if system else 0
+    base = len(chat_ids(tokenizer, "", system)) if system else 0
     out = []
-    for text in _problems(path):
-        ids = _chat_ids(tokenizer, text, system)
+    for _, _, question in problems(path):
+        ids = chat_ids(tokenizer, question + MATH_SUFFIX, system)
         if len(ids) - base <= max_len:
             out.append(ids)
         if len(out) == n:
@@ -447,30 +428,6 @@ def summarize(t0: float, recs: list[dict], steps: list[dict], retracts: list[dic
 # ------------------------------------------------------------------------------------ benchmark
 
 
-def machine_info(cuda: bool, argv: list[str] | None) -> dict:
-    import torch
-
-    cmd = [sys.executable, *sys.argv] if argv is None else [sys.executable, str(Path(__file__)), *argv]
-    info = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in cmd),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-    }
-    try:
-        from importlib.metadata import version
-
-        info["sglang"] = version("sglang")
-    except Exception:  # noqa: BLE001 -- informational only
-        info["sglang"] = None
-    return info
-
-
 def sampling(args, **extra) -> dict:
     return {"max_new_tokens": args.output_len, "ignore_eos": not args.no_ignore_eos,
             "temperature": args.temperature, "top_p": args.top_p, **extra}
@@ -596,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "throughput",
-        "machine": machine_info(cuda, argv),
+        "machine": machine_info(str(Path(__file__)), argv),
         "settings": {
             "model_path": model_path, "dataset": str(data_file), "output_len": args.output_len,
             "budget": args.budget, "window": args.window, "policy": args.policy, "pool_tokens": pool,
@@ -604,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
             "physical_limit": limit, "physical_limit_formula": "pool // (max(longest prompt, B) + R)",
             "distinct_prompt_tokens": [len(p) for p in prompts["distinct"]],
             "shared_prompt_tokens": [len(p) for p in prompts["shared"]], "samples": args.samples,
-            "system_prompt_tokens": len(_chat_ids(tokenizer, "", system)),
+            "system_prompt_tokens": len(chat_ids(tokenizer, "", system)),
             "levels": levels, "max_running_requests": max_running, "temperature": args.temperature,
             "top_p": args.top_p, "ignore_eos": not args.no_ignore_eos, "quick": args.quick,
             "common_server_flags": common[2:], "vase_flags": vase_flags,

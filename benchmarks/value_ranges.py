@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 import fidelity
+from common import DATA_DIR, RESULTS_DIR, machine_info
 from sglang_vase.models import resolve_model
 from sglang_vase.serving import Server
 
-HERE = Path(__file__).resolve().parent
 TOP_SHARE = 0.01  # "the largest ranges": the top 1% of one (layer, head)'s tokens
 CLASSES = ("sink", "newline", "punctuation", "digit", "word")
 _SYMBOLS = set(string.punctuation) | set(" \t") | set("×÷−±≤≥≠√π∞")
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-prompt-tokens", type=int, default=192)
-    p.add_argument("--data-dir", default=str(fidelity.DEFAULT_DATA_DIR))
+    p.add_argument("--data-dir", default=str(DATA_DIR))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,10 +137,10 @@ def main(argv=None) -> dict:
                           "max": max(l[key]["max"] for l in layers)}
                     for key in ("max_over_median", "p99_over_median", "share_above_4x")},
         "seconds": {"generate": round(t_generate, 1), "total": round(time.time() - t0, 1)},
-        "machine": fidelity.machine_info(),
+        "machine": machine_info(),
     }
     name = Path(args.model_path).name
-    out = Path(args.out or HERE / "results" / f"value_ranges_{name}.json")
+    out = Path(args.out or RESULTS_DIR / f"value_ranges_{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
