@@ -47,7 +47,7 @@ from pathlib import Path
 import requests
 
 from common import DATA_DIR as DEFAULT_DATA_DIR, MATH_SUFFIX, REPO, RESULTS_DIR as DEFAULT_OUT_DIR, TEMPERATURE, TOP_P, \
-    machine_info
+    machine_info, problems
 
 DEFAULT_MAX_TOKENS = 32768
 
@@ -85,19 +85,14 @@ def load_task(task: str, data_dir: str | Path | None = None, limit: int | None =
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (use --data-dir)")
     items = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            question = row.get("problem") or row.get("question")
-            if question is None or "answer" not in row:
-                raise ValueError(f"{path}:{i + 1}: needs 'problem' or 'question', and 'answer'")
-            prompt = question if kind == "gpqa" else question + MATH_SUFFIX
-            items.append({"qid": str(len(items)), "source_id": row.get("unique_id", row.get("id")),
-                          "prompt": prompt, "gold": _gold_str(row["answer"])})
-            if limit is not None and len(items) >= limit:
-                break
+    for line_no, row, question in problems(path):
+        if "answer" not in row:
+            raise ValueError(f"{path}:{line_no + 1}: a question without an 'answer'")
+        prompt = question if kind == "gpqa" else question + MATH_SUFFIX
+        items.append({"qid": str(len(items)), "source_id": row.get("unique_id", row.get("id")),
+                      "prompt": prompt, "gold": _gold_str(row["answer"])})
+        if limit is not None and len(items) >= limit:
+            break
     return items
 
 
