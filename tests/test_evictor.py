@@ -17,9 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sglang_vase.config import VaseParams
+from sglang_vase.config import DEFAULT_WORKSPACE_MB, VaseParams
 from sglang_vase.engine import evictor
-from sglang_vase.engine.evictor import DEFAULT_WORKSPACE_BYTES, FAULT_ENV, Eviction, _Shape, evict, warm_up
+from sglang_vase.engine.evictor import FAULT_ENV, Eviction, _Shape, evict, warm_up
 from sglang_vase.engine import step
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.engine.step import KVPool
@@ -27,6 +27,7 @@ from step_harness import FreeList, Request
 
 DEVICE = DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, H_KV, H_Q, D, POOL, ROWS = 2, 2, 4, 16, 256, 6
+WORKSPACE = DEFAULT_WORKSPACE_MB << 20  # the server default (--vase-workspace-mb)
 
 
 def make_engine(seed: int, n: int, budget: int, window: int, rows: list[int]):
@@ -126,7 +127,7 @@ def test_a_failure_stays_with_its_request(stage, monkeypatch):
     states = _states(params, rows, device, n)
     due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, states)]
     monkeypatch.setenv(FAULT_ENV, f"{stage}:r12")
-    workspace = 1 if stage == "apply" else DEFAULT_WORKSPACE_BYTES  # 1 byte: one request per batch
+    workspace = 1 if stage == "apply" else WORKSPACE  # 1 byte: one request per batch
     result = evict(due, req_to_token, k_bufs, v_bufs, device, workspace_bytes=workspace)
     assert [e.state.rid for e, _ in result.failed] == ["r12"]
     assert "injected" in str(result.failed[0][1])
@@ -194,10 +195,10 @@ def test_workspace_bound_splits_without_changing_the_result(policy):
     shape = _Shape.of(params.build_policy(), n, torch.zeros(1, H_KV, D), DeviceState(2, 0, LAYERS, window, H_Q, D,
                                                                                        torch.float32, "cpu"), LAYERS)
     assert (shape.plan(1).requests, shape.plan(1).layers, shape.plan(1).heads) == (1, 1, 1)
-    plan = shape.plan(DEFAULT_WORKSPACE_BYTES)
+    plan = shape.plan(WORKSPACE)
     assert plan.layers == LAYERS and plan.heads == H_KV
-    assert shape.transient_bytes(plan) <= DEFAULT_WORKSPACE_BYTES
-    for a, b in zip(run(DEFAULT_WORKSPACE_BYTES), run(1)):
+    assert shape.transient_bytes(plan) <= WORKSPACE
+    for a, b in zip(run(WORKSPACE), run(1)):
         assert torch.equal(a, b), f"seed {seed}"
 
 

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from sglang_vase.config import VaseParams
-from sglang_vase.engine.memory import ModelShape, footprint
+from sglang_vase.engine.memory import ModelShape
 
 QWEN3 = {
     # name: (hidden, layers, q heads, kv heads, intermediate, tied embeddings, parameters)
@@ -45,13 +45,17 @@ def test_ring_is_a_small_share_of_the_kv_pool_at_default_flags(tmp_path, name, t
     shape = ModelShape.from_model_config(model_config(tmp_path, name), tp)
     static = (GPU_MIB - RESERVED_MIB) * 2**20
     kv_budget = static - int(QWEN3[name][-1] * 2 / tp)  # bf16 weights, sharded over the ranks
-    fp = footprint(shape, VaseParams().memory_plan(shape), kv_budget)  # the launcher's GPU defaults
-    assert fp["ring_share_of_kv"] <= 0.05, fp
+    plan = VaseParams().memory_plan(shape)  # the launcher's GPU defaults
+    # What the patches do: config_from_budget sizes the pool, alloc_memory_pool the ring.
+    tokens = plan.pool_tokens(kv_budget, shape.kv_cell_bytes())
+    rows = plan.rows_for(tokens, max_running_requests=4096)
+    kv_bytes, ring_bytes = tokens * shape.kv_cell_bytes(), plan.ring_bytes(rows)
+    assert ring_bytes <= 0.05 * kv_bytes, (ring_bytes, kv_bytes)
     # Everything fits the budget, and the ring holds one row per request the pool can hold at B + R.
-    assert fp["kv_bytes"] + fp["ring_bytes"] + fp["workspace_bytes"] <= kv_budget
-    assert fp["ring_rows"] == fp["pool_tokens"] // (4096 + 64)
+    assert kv_bytes + ring_bytes + plan.workspace_bytes <= kv_budget
+    assert rows == tokens // (4096 + 64)
     # The old sizing was a row per req_to_token row: at least 2048 (50 GiB for Qwen3-14B).
-    assert fp["ring_rows"] < 2048
+    assert rows < 2048
 
 
 def test_shape_and_plan_arithmetic(tmp_path):

@@ -82,8 +82,6 @@ TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
 # whose id contains <text> (as SGLANG_TEST_RETRACT forces retractions), to show that the failure
 # stays theirs.
 FAULT_ENV = "SGLANG_VASE_TEST_FAIL_EVICTION"
-# Default bound on an eviction round's transient memory (``--vase-workspace-mb``).
-DEFAULT_WORKSPACE_BYTES = DEFAULT_WORKSPACE_MB << 20
 # The compaction kernel's scratch takes at most this share of the workspace.
 SCRATCH_SHARE = 4
 
@@ -164,7 +162,7 @@ def evict(
     k_buffers: list[torch.Tensor],
     v_buffers: list[torch.Tensor],
     device: DeviceState,
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_MB << 20,
     claim: Claim | None = None,
     agree: Agree | None = None,
 ) -> RoundResult:

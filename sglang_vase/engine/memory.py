@@ -78,13 +78,3 @@ class Plan:
     def ring_bytes(self, rows: int) -> int:
         return (rows + 1) * self.ring_row_bytes
 
-
-def footprint(shape: ModelShape, plan: Plan, kv_budget_bytes: int, max_running_requests: int = 4096) -> dict:
-    """The pool, the ring and their ratio that ``plan`` gives a KV budget (what the server logs)."""
-    cell = shape.kv_cell_bytes()
-    tokens = plan.pool_tokens(kv_budget_bytes, cell)
-    rows = plan.rows_for(tokens, max_running_requests)
-    kv_bytes = tokens * cell
-    ring = plan.ring_bytes(rows)
-    return {"pool_tokens": tokens, "kv_bytes": kv_bytes, "ring_rows": rows, "ring_bytes": ring,
-            "workspace_bytes": plan.workspace_bytes, "ring_share_of_kv": ring / kv_bytes if kv_bytes else float("inf")}

@@ -22,7 +22,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 POLICIES: dict[str, type[Policy]] = REGISTRY
 
-__all__ = ["POLICIES", "EvictionInputs", "Policy", "describe_policies", "get_policy", "policy_params"]
+__all__ = ["POLICIES", "EvictionInputs", "Policy", "get_policy", "policy_params"]
 
 
 def policy_params(cls: type[Policy]) -> dict[str, Any]:
@@ -53,22 +53,3 @@ def get_policy(name: str, **params: Any) -> Policy:
     if missing:
         raise ValueError(f"policy {name!r} requires parameter(s) {', '.join(missing)}")
     return cls(**params)
-
-
-def describe_policies() -> list[dict[str, Any]]:
-    """One entry per policy, for ``--help``: name, one-line doc, required and optional parameters."""
-    out = []
-    for name in sorted(POLICIES):
-        cls = POLICIES[name]
-        params = policy_params(cls)
-        out.append(
-            {
-                "name": name,
-                "doc": inspect.getdoc(cls).splitlines()[0],
-                "required": [p for p, d in params.items() if d is inspect.Parameter.empty],
-                "params": {p: d for p, d in params.items() if d is not inspect.Parameter.empty},
-                "needs_queries": cls.needs_queries,
-                "stochastic": cls.stochastic,
-            }
-        )
-    return out
