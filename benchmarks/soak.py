@@ -184,8 +184,8 @@ def check_valid(case: Case, outputs: list[dict]) -> list[str]:
             problems.append("no vase stats")
             continue
         retracted = bool(meta.get("num_retractions"))
-        pinned = prompt if case.keep_prompt else 0
-        geometry = Geometry(case.budget, case.window, pinned)
+        kept_prompt = prompt if case.keep_prompt else 0
+        geometry = Geometry(case.budget, case.window, kept_prompt)
         expected = geometry.evictions_in(prompt, done)
         if not retracted and stats["evictions"] != expected:
             problems.append(f"{stats['evictions']} evictions, expected {expected} (prompt {prompt}, output {done})")

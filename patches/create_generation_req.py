@@ -16,4 +16,4 @@ def hook(req, self, *args, **kwargs):
     params = request_params(req.sampling_params.custom_params, defaults)
     seed = params.seed if params.seed is not None else derive_seed(req.rid, defaults.seed)
     prompt = len(req.origin_input_ids)
-    req._vase = RequestState(params=params, seed=seed, rid=req.rid, prefill_len=prompt, pinned=params.pinned(prompt))
+    req._vase = RequestState(params=params, seed=seed, rid=req.rid, prefill_len=prompt, kept_prompt=params.kept_prompt(prompt))

@@ -135,7 +135,7 @@ def _in_flight(scheduler) -> set:
 
 def _abort(r: _Running, error: BaseException) -> None:
     """End a request whose eviction failed through SGLang's own finish path, which frees its slots."""
-    if r.protected > r.state.pinned:  # its tree lock may be gone: its row must not enter the tree
+    if r.protected > r.state.kept_prompt:  # its tree lock may be gone: its row must not enter the tree
         _skip_tree_insert(r.req)
     logger.error("sglang-vase: eviction of request %s failed; aborting it", r.req.rid, exc_info=error)
     r.req.to_finish = FINISH_ABORT(

@@ -30,7 +30,7 @@ def stats(req) -> dict | None:
         "evicted_tokens": st.total_evicted_tokens,
         "kv_len": req.kv.kv_committed_len if req.kv.holds_kv else 0,
         "peak_kv_len": max(st.peak_kv_len, req.kv.kv_committed_len if req.kv.holds_kv else 0),
-        "pinned": st.policy.n_pinned,
+        "value_slots": st.policy.n_pinned,
         "seed": st.seed,
     }
 

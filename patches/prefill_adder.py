@@ -82,7 +82,7 @@ def admission_growth(req, st, census: PrefixCensus | None = None) -> int:
     """Slots a request being admitted may add after its prefill (its extend is charged apart)."""
     fill = len(req.full_untruncated_fill_ids)
     growth = admission_slots(st, fill, req.prefix_len, _remaining_output(req), radix=census is not None)
-    if census is not None and st.pinned == 0:
+    if census is not None and st.kept_prompt == 0:
         growth += census.taken_over(req.last_node)
     return growth
 

@@ -18,7 +18,7 @@ def hook(result, self, *args, **kwargs):
     if state is None:
         return
     prompt = len(self.origin_input_ids)
-    state.restart(prefill_len=prompt + len(self.output_ids), pinned=state.params.pinned(prompt))
+    state.restart(prefill_len=prompt + len(self.output_ids), kept_prompt=state.params.kept_prompt(prompt))
     if state.saved_skip_insert is not None:
         self.skip_radix_cache_insert = state.saved_skip_insert
         state.saved_skip_insert = None

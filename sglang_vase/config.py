@@ -58,13 +58,13 @@ class VaseParams:
         """The policy object; raises ValueError naming the bad parameter."""
         return _build_policy(self.policy, self.budget, self.window, self.n_large, self.sort_kept)
 
-    def pinned(self, prompt_len: int) -> int:
+    def kept_prompt(self, prompt_len: int) -> int:
         """Leading KV columns eviction never touches: the prompt with keep_prompt, else none."""
         return prompt_len if self.keep_prompt else 0
 
     def geometry(self, prompt_len: int) -> Geometry:
         """Where a request with a ``prompt_len``-token prompt evicts (``engine.geometry``)."""
-        return Geometry(self.budget, self.window, self.pinned(prompt_len))
+        return Geometry(self.budget, self.window, self.kept_prompt(prompt_len))
 
     def slot_bound(self, prompt_len: int) -> int:
         """Most KV slots the request can ever hold (VASE_SPEC, static footprint): max(prompt, B) + R,

@@ -75,8 +75,8 @@ def test_radix_cache_and_overlap_scheduler_change_no_eviction(server, restricted
         keys = ("evictions", "evicted_tokens", "peak_kv_len")
         assert {k: got["meta_info"]["vase"][k] for k in keys} == {k: want["meta_info"]["vase"][k] for k in keys}
         out, prompt = len(got["output_ids"]), got["meta_info"]["prompt_tokens"]
-        pinned = prompt if kw.get("vase", {}).get("keep_prompt") else 0
-        assert got["meta_info"]["vase"]["evictions"] == Geometry(BUDGET, WINDOW, pinned).evictions_in(prompt, out) > 0
+        kept_prompt = prompt if kw.get("vase", {}).get("keep_prompt") else 0
+        assert got["meta_info"]["vase"]["evictions"] == Geometry(BUDGET, WINDOW, kept_prompt).evictions_in(prompt, out) > 0
 
 
 def test_a_stop_on_a_trigger_step_takes_its_eviction_back(server):

@@ -28,8 +28,8 @@ def test_closed_forms_match_the_decode_loop(seed):
         window = rng.choice([1, 4, 8, 16])
         budget = window * rng.randint(2, 8)
         prefill = rng.randint(1, 3 * budget)
-        pinned = rng.choice([0, prefill])  # keep_prompt pins the whole prompt
-        geometry = Geometry(budget, window, pinned)
+        kept_prompt = rng.choice([0, prefill])  # keep_prompt pins the whole prompt
+        geometry = Geometry(budget, window, kept_prompt)
         new_tokens = rng.randint(1, 6 * budget)
         evicted, peak = _decode(geometry, prefill, new_tokens)
         assert geometry.evictions_in(prefill, new_tokens) == len(evicted)
@@ -38,7 +38,7 @@ def test_closed_forms_match_the_decode_loop(seed):
             assert all(n == geometry.evicted_length + window for n in evicted[1:])
         assert peak <= geometry.slot_bound(prefill)
         if evicted:
-            assert geometry.slot_bound(prefill, evicted=True) == pinned + budget + window
+            assert geometry.slot_bound(prefill, evicted=True) == kept_prompt + budget + window
         # A running request at length n sampling `remaining` more tokens: its steps reach n + 1 ..
         # n + remaining - 1 before the one that samples the last token.
         n, remaining = geometry.evicted_length + rng.randint(0, window - 1), rng.randint(1, 4 * window)
@@ -46,7 +46,7 @@ def test_closed_forms_match_the_decode_loop(seed):
 
 
 def test_keep_prompt_counts_the_budget_after_the_prompt():
-    geometry = Geometry(budget=64, window=16, pinned=100)
+    geometry = Geometry(budget=64, window=16, kept_prompt=100)
     assert not geometry.triggers(164) and geometry.triggers(180) and not geometry.triggers(172)
     assert geometry.n_keep == 48 and geometry.evicted_length == 164
     assert geometry.slot_bound(100) == 180 and geometry.next_trigger(100) == 180

@@ -140,7 +140,7 @@ def test_request_params_merge_and_errors():
     assert merged.build_policy().n_pinned == 32  # budget // 4, re-derived for the new budget
     assert merged.slot_bound(prompt_len=10) == 160 and merged.slot_bound(prompt_len=500) == 532
     kept = request_params({"vase": {"keep_prompt": True}}, defaults)
-    assert kept.keep_prompt and kept.pinned(500) == 500 and kept.slot_bound(prompt_len=500) == 500 + 256 + 32
+    assert kept.keep_prompt and kept.kept_prompt(500) == 500 and kept.slot_bound(prompt_len=500) == 500 + 256 + 32
     for bad, field in [({"budget": 100}, "multiple"), ({"window": 64}, "window"), ({"policy": 3}, "policy"),
                        ({"seed": -1}, "seed"), ({"n_large": 2, "policy": "streamingllm"}, "n_large"),
                        ({"budget": True}, "budget"), ({"x": 1}, "unknown"), ({"keep_prompt": 1}, "keep_prompt")]:

@@ -3,7 +3,7 @@
 A request's first ``protected`` columns are radix-tree slots that other requests read too. Its
 eviction must keep exactly what it keeps when it owns every slot (same selection, same data), while
 never writing or freeing a tree slot: kept tree tokens are copied into slots it owns (copy-on-evict),
-topped up from fresh slots. With keep_prompt the pinned columns are never candidates at all.
+topped up from fresh slots. With keep_prompt the prompt's columns are never candidates at all.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def _sequence(g, n):
     return [(torch.randn(n, H_KV, D, generator=g), torch.randn(n, H_KV, D, generator=g)) for _ in range(LAYERS)]
 
 
-def _request(pool: Pool, row: int, seed: int, params: VaseParams, pinned: int, ring: torch.Tensor):
-    st = RequestState(params, seed=seed, rid=f"r{row}", prefill_len=pinned, pinned=pinned,
+def _request(pool: Pool, row: int, seed: int, params: VaseParams, kept_prompt: int, ring: torch.Tensor):
+    st = RequestState(params, seed=seed, rid=f"r{row}", prefill_len=kept_prompt, kept_prompt=kept_prompt,
                       ring_row=pool.device.bind_ring_row(row))
     pool.device.ring[st.ring_row] = ring
     pool.device.position_offset[row] = 5
@@ -112,11 +112,11 @@ class TreeRequest(Request):
             self.tree.evictable = [t for t in self.tree.evictable if t not in mine]
 
 
-CASES = {  # (keep_prompt, pinned prompt, tree columns, physical length n, fresh slots needed); K = 24
+CASES = {  # (keep_prompt, kept prompt, tree columns, physical length n, fresh slots needed); K = 24
     "top-up": (False, 0, 20, 40, 12),  # 12 own candidates: 12 more targets
     "shared-tail": (False, 0, 37, 40, 29),  # no own candidate, 5 tree columns in the recency tail
     "own-targets": (False, 0, 12, 48, 0),  # 28 own candidates: kept tree tokens copied into them
-    "keep-prompt": (True, 20, 20, 60, 0),  # the tree columns are pinned: never candidates, no copy
+    "keep-prompt": (True, 20, 20, 60, 0),  # the tree columns are kept_prompt: never candidates, no copy
     "keep-prompt-retracted": (True, 20, 30, 60, 2),  # re-prefilled prompt + output in the tree
 }
 
@@ -126,9 +126,9 @@ CASES = {  # (keep_prompt, pinned prompt, tree columns, physical length n, fresh
 def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
     """Two requests with the same tokens and settings evict in one batch: A owns all its slots, B reads
     its first columns from tree slots that a third row C shares. B keeps exactly A's tokens per
-    (layer, head), its new row holds no tree slot but pinned ones, it frees none, and the tree slots
+    (layer, head), its new row holds no tree slot but kept-prompt ones, it frees none, and the tree slots
     and row C are untouched."""
-    keep_prompt, pinned, protected, n, fresh_needed = CASES[case]
+    keep_prompt, kept_prompt, protected, n, fresh_needed = CASES[case]
     seed = int.from_bytes(os.urandom(4), "little")
     params = VaseParams(policy=policy, budget=BUDGET, window=WINDOW, keep_prompt=keep_prompt)
     pool = Pool(seed)
@@ -140,7 +140,7 @@ def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
     pool.req_to_token[3, :protected] = tree.int()  # row C reads the same tree slots
     tree_kv = [(pool.k[l][tree].clone(), pool.v[l][tree].clone()) for l in range(LAYERS)]
     before_c = pool.req_to_token[3].clone()
-    st_a, st_b = (_request(pool, row, 77, params, pinned, ring) for row in (1, 2))
+    st_a, st_b = (_request(pool, row, 77, params, kept_prompt, ring) for row in (1, 2))
     assert Eviction(1, n, st_a).fresh_needed == 0 and Eviction(2, n, st_b, protected=protected).fresh_needed == fresh_needed
     slots = Tree(pool)
     a, b = Request(st_a, 1, n), TreeRequest(st_b, 2, n, protected, tree=slots, tree_slots=tree)
@@ -148,24 +148,24 @@ def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
     result = step.evict_requests(step.due([a, b]), pool.kv, pool.device, slots)
     assert not result.failed and not result.deferred and result.evicted == [a, b], f"seed {seed}"
     length = st_a.geometry.evicted_length
-    assert length == pinned + BUDGET == a.length == b.length
+    assert length == kept_prompt + BUDGET == a.length == b.length
     for got, want in zip(pool.row_kv(2, length), pool.row_kv(1, length)):
         assert torch.equal(got, want), f"seed {seed}: B's compacted KV differs from A's"
     new_b = set(pool.req_to_token[2, :length].tolist())
     freed = set(slots.freed)
     assert len(freed) == result.freed
-    pinned_tree = set(tree[:pinned].tolist())
-    assert new_b & set(tree.tolist()) == pinned_tree and not freed & set(tree.tolist()), f"seed {seed}"
+    kept_tree = set(tree[:kept_prompt].tolist())
+    assert new_b & set(tree.tolist()) == kept_tree and not freed & set(tree.tolist()), f"seed {seed}"
     # Every slot B owned or was given is in its new row or freed, not both.
     fresh = set(torch.cat(list(slots.given.values())).tolist()) if slots.given else set()
     assert len(fresh) == fresh_needed
     owned = set(b_own.tolist()) | fresh
-    assert (new_b - pinned_tree) | (freed & owned) == owned and not (new_b & freed)
+    assert (new_b - kept_tree) | (freed & owned) == owned and not (new_b & freed)
     assert torch.equal(pool.req_to_token[3], before_c)
     for l in range(LAYERS):
         assert torch.equal(pool.k[l][tree], tree_kv[l][0]) and torch.equal(pool.v[l][tree], tree_kv[l][1])
-    assert b.protected == min(protected, pinned)  # the tree columns it still reads: pinned ones
-    assert b.locked == (protected <= pinned)  # it released its tree lock if it stopped reading tree columns
+    assert b.protected == min(protected, kept_prompt)  # the tree columns it still reads: kept_prompt ones
+    assert b.locked == (protected <= kept_prompt)  # it released its tree lock if it stopped reading tree columns
     assert pool.device.position_offset[1] == pool.device.position_offset[2] == 5 + n - length
 
 
@@ -214,7 +214,7 @@ def test_keep_prompt_trigger_and_bounds():
     """keep_prompt: the evictable length g = n - prompt triggers (g > B, g % R == 0) and drops to B;
     the footprint is prompt + B + R; admission charges the request B + R beyond a shared prompt."""
     params = VaseParams(policy="vase", budget=64, window=16, keep_prompt=True)
-    st = RequestState(params, seed=0, rid="k", prefill_len=100, pinned=100)
+    st = RequestState(params, seed=0, rid="k", prefill_len=100, kept_prompt=100)
     assert [n for n in range(100, 300) if st.due(n)] == list(range(180, 300, 16))
     assert st.slot_bound() == 100 + 64 + 16 and st.geometry.evicted_length == 164
     assert Geometry(64, 16, 100).evictions_in(100, 100) == 2  # n = 180, 196 (the last step never evicts)
@@ -236,14 +236,14 @@ def test_keep_prompt_trigger_and_bounds():
     ("snapkv", False, 81, 80),   # P % R = 1
     ("vase", False, 96, None),   # P % R = 0: the window (n = 112) holds decoded tokens only
     ("vase", False, 40, None),   # P <= B: first trigger at B + R
-    ("vase", True, 93, None),    # keep_prompt: the window is past the pinned prompt
+    ("vase", True, 93, None),    # keep_prompt: the window is past the kept prompt
     ("streamingllm", False, 93, None),  # scores without queries
 ])
 def test_the_prefix_match_stops_where_the_first_query_window_starts(policy, keep_prompt, prefill, expected):
     """A cached prompt prefix must not cover positions whose queries the first eviction scores with
     (``patches/compute_max_prefix_len``); a request that never reaches its trigger is not capped."""
     params = VaseParams(policy=policy, budget=64, window=16, keep_prompt=keep_prompt)
-    st = RequestState(params, seed=0, rid="c", prefill_len=prefill, pinned=params.pinned(prefill))
+    st = RequestState(params, seed=0, rid="c", prefill_len=prefill, kept_prompt=params.kept_prompt(prefill))
     assert st.first_window_start(remaining_new_tokens=100) == expected
     assert st.first_window_start(remaining_new_tokens=1) is None
     if expected is not None:  # the window the engine reads at its first trigger starts exactly there

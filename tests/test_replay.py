@@ -264,11 +264,11 @@ def test_long_prompt_cut_at_next_window_multiple(model, long_prompt):
 
 def test_keep_prompt_keeps_every_prompt_column(model, long_prompt):
     """keep_prompt: the prompt's columns stay in every (layer, head) and B counts what follows them
-    (the engine's ``Geometry`` with pinned = P)."""
+    (the engine's ``Geometry`` with kept_prompt = P)."""
     from sglang_vase.engine.geometry import Geometry
 
     p, steps = len(long_prompt), BUDGET + 3 * WINDOW
-    geometry = Geometry(BUDGET, WINDOW, pinned=p)
+    geometry = Geometry(BUDGET, WINDOW, kept_prompt=p)
     dec = EvictingDecoder(model, get_policy("snapkv", budget=BUDGET, window=WINDOW), seed=1, keep_prompt=True)
     logits = dec.prefill(long_prompt)
     for _ in range(steps):

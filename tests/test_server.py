@@ -81,8 +81,8 @@ def test_evictions_match_the_reference_replay(vase_server, trace_dir, keep_promp
     got = replay_engine_trace(load_model(prepare_default_model(), dtype=torch.float32),
                               get_policy("snapkv", budget=budget, window=window), prompt_ids, out, trace_dir,
                               keep_prompt=keep_prompt)
-    pinned = len(prompt_ids) if keep_prompt else 0
-    expected = Geometry(budget, window, pinned).evictions_in(len(prompt_ids), steps)
+    kept_prompt = len(prompt_ids) if keep_prompt else 0
+    expected = Geometry(budget, window, kept_prompt).evictions_in(len(prompt_ids), steps)
     assert out["meta_info"]["vase"]["evictions"] == got.traces == got.evictions == expected >= 10
     assert got.first_mismatch is None, f"greedy token differs at step {got.first_mismatch}"
     assert got.max_logprob_error < 2e-3, got
@@ -156,7 +156,7 @@ def test_seed_reproduces_evictions(vase_server):
     assert a["output_ids"] == b["output_ids"]
     assert a["meta_info"]["vase"]["seed"] == 7
     assert a["meta_info"]["vase"]["evictions"] >= 7
-    assert a["meta_info"]["vase"]["pinned"] == 16  # n_large = budget // 4
+    assert a["meta_info"]["vase"]["value_slots"] == 16  # n_large = budget // 4
 
 
 @pytest.mark.parametrize(

@@ -18,19 +18,19 @@ from sglang_vase.engine.state import RequestState
 
 
 def releases_tree(st: RequestState, protected: int) -> bool:
-    """Whether its next eviction ends its reads of tree columns (the paper's mode: nothing pinned),
+    """Whether its next eviction ends its reads of tree columns (the paper's mode: no kept prompt),
     so that the tree columns only it holds become evictable."""
-    return protected > 0 and st.pinned == 0
+    return protected > 0 and st.kept_prompt == 0
 
 
 def own_bound(st: RequestState, protected: int, exclusive: int = 0) -> int:
     """Most slots it can hold beyond the shared tree columns from now on: its own slots plus the
-    ``exclusive`` tree columns until its next eviction, its own slots after it (the pinned columns
+    ``exclusive`` tree columns until its next eviction, its own slots after it (the kept prompt's columns
     it keeps reading from the tree excluded). ``exclusive`` counts only where the eviction releases
     them (``releases_tree``)."""
     if not releases_tree(st, protected):
         exclusive = 0
-    after = st.geometry.slot_bound(st.prefill_len, evicted=True) - min(protected, st.pinned)
+    after = st.geometry.slot_bound(st.prefill_len, evicted=True) - min(protected, st.kept_prompt)
     before = st.slot_bound() - protected + exclusive
     return max(before, after)
 
@@ -44,7 +44,7 @@ def future_slots(st: RequestState, length: int, protected: int, remaining_output
         exclusive = 0
     held = length - protected + exclusive
     growth = max(0, own_bound(st, protected, exclusive) - held)
-    if protected > st.pinned and st.geometry.will_evict(length, remaining_output):
+    if protected > st.kept_prompt and st.geometry.will_evict(length, remaining_output):
         return growth
     return min(remaining_output, growth)
 

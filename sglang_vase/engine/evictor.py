@@ -1,6 +1,6 @@
 """One eviction round for the requests that reached their trigger, batched across requests and layers.
 
-For each request with physical length n, of which the first q columns are pinned (the prompt with
+For each request with physical length n, of which the first q columns are the kept prompt (the prompt with
 keep_prompt, else q = 0), K = B - R (VASE_SPEC, "One eviction"; SGLANG_NOTES, "the key design
 fact"):
 
@@ -100,12 +100,12 @@ class Eviction:
     fresh: torch.Tensor | None = None  # the slots ``claim`` handed it, ``fresh_needed`` of them
 
     @property
-    def pinned(self) -> int:
-        return self.state.pinned
+    def kept_prompt(self) -> int:
+        return self.state.kept_prompt
 
     def _columns(self) -> tuple[int, int, int]:
         """(first own candidate, own candidates kept as targets, shared tail columns)."""
-        q, n, p = self.state.pinned, self.length, self.protected
+        q, n, p = self.state.kept_prompt, self.length, self.protected
         window, keep = self.state.params.window, self.state.geometry.n_keep
         own_start = max(p, q) - q
         own = max(0, n - window - q - own_start)
@@ -120,8 +120,8 @@ class Eviction:
 
     @property
     def protected_after(self) -> int:
-        """Tree columns it still reads after this eviction: only pinned ones."""
-        return min(self.protected, self.state.pinned)
+        """Tree columns it still reads after this eviction: only the kept prompt's."""
+        return min(self.protected, self.state.kept_prompt)
 
 
 @dataclass
@@ -170,7 +170,7 @@ def evict(
     groups: dict[tuple, list[Eviction]] = defaultdict(list)
     for e in due:
         # One policy object per setting (``VaseParams.build_policy`` caches them); seeds stay per member.
-        groups[(e.state.policy, e.length - e.pinned)].append(e)
+        groups[(e.state.policy, e.length - e.kept_prompt)].append(e)
     result = RoundResult()
     for (policy, g), members in groups.items():
         shape = _Shape.of(policy, g, k_buffers[0], device, len(k_buffers))
@@ -323,7 +323,7 @@ def _evict_batch(members, shape, plan, req_to_token, k_buffers, v_buffers, devic
     # a time, each compacted before the next one claims (every rank decides alike: host state).
     # After a failure (on any rank) the others go one at a time too, so that a failure in the next
     # phases stays with its request.
-    alone = [i for i in survivors if members[i].protected > members[i].pinned]
+    alone = [i for i in survivors if members[i].protected > members[i].kept_prompt]
     together = [i for i in survivors if i not in alone]
     if len(survivors) < len(members):
         alone, together = survivors, []
@@ -406,7 +406,7 @@ class _Batch:
     def __init__(self, members: list[Eviction], shape: _Shape, req_to_token: torch.Tensor, device: DeviceState):
         self.members, self.shape, self.req_to_token, self.device = members, shape, req_to_token, device
         dev = req_to_token.device
-        host = _to_device(torch.tensor([[e.row, e.state.ring_row, e.state.seed, e.state.evictions, e.pinned,
+        host = _to_device(torch.tensor([[e.row, e.state.ring_row, e.state.seed, e.state.evictions, e.kept_prompt,
                                          e.length] for e in members], dtype=torch.int64), dev)
         self.rows, self.ring_rows, self.seeds, self.evictions, self.starts, self.lengths = host.unbind(1)
         g, r = shape.g, shape.policy.window
@@ -464,7 +464,7 @@ class _Batch:
         g, b, r = self.shape.g, self.shape.policy.budget, self.shape.policy.window
         k = b - r
         k_storage, v_storage = [_storage(t) for t in k_buffers], [_storage(t) for t in v_buffers]
-        if all(m.protected <= m.pinned for m in self.members):
+        if all(m.protected <= m.kept_prompt for m in self.members):
             # Every candidate is the request's own: keep in the first K candidate slots.
             compact_(k_storage, v_storage, self.cand, keeps, scratch_budget)
             new_row = torch.cat([self.cand[:, :k], self.slots[:, g - r :]], dim=1)
@@ -485,7 +485,7 @@ class _Batch:
         """Put member ``i``'s row back as it was before ``apply`` (its KV stays compacted: it is
         being aborted, and its slots must free as on a rank that never compacted it)."""
         e = self.members[i]
-        self.req_to_token[e.row, e.pinned : e.pinned + self.shape.g] = self.slots[i].to(self.req_to_token.dtype)
+        self.req_to_token[e.row, e.kept_prompt : e.kept_prompt + self.shape.g] = self.slots[i].to(self.req_to_token.dtype)
 
     def commit(self, index: list[int]) -> None:
         """Offsets and counters of members ``index`` after their row was rewritten."""
@@ -497,7 +497,7 @@ class _Batch:
                 self.device.position_offset[self.rows[i]] += self.lengths[i] - self.starts[i] - b
         for i in index:
             e = self.members[i]
-            e.state.record(e.length - e.pinned - b)
+            e.state.record(e.length - e.kept_prompt - b)
 
     def _copy_on_evict_layout(self, k: int):
         """Targets and extra sources of a batch in which some request reads shared tree columns.

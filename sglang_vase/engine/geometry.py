@@ -2,8 +2,8 @@
 
 Every path that needs the B/R arithmetic asks one ``Geometry``: the engine's trigger and counters
 (``RequestState``), admission's slot bounds, the reference replay and the fidelity benchmark. Lengths
-are physical KV lengths n (slots a request's row holds). The first ``pinned`` columns (the prompt with
-keep_prompt, else none) are never evicted; the evictable length g = n - pinned triggers an eviction
+are physical KV lengths n (slots a request's row holds). The first ``kept_prompt`` columns (the prompt with
+keep_prompt, else none) are never evicted; the evictable length g = n - kept_prompt triggers an eviction
 after a decode step when g > B and g % R == 0, and drops to B: K = B - R candidates are kept beside
 the R newest tokens.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 class Geometry:
     budget: int
     window: int
-    pinned: int = 0  # leading columns never evicted: the prompt with keep_prompt
+    kept_prompt: int = 0  # leading columns never evicted: the prompt with keep_prompt
 
     @property
     def n_keep(self) -> int:
@@ -26,18 +26,18 @@ class Geometry:
 
     @property
     def evicted_length(self) -> int:
-        """Physical length right after an eviction: pinned + B."""
-        return self.pinned + self.budget
+        """Physical length right after an eviction: kept_prompt + B."""
+        return self.kept_prompt + self.budget
 
     def triggers(self, n: int) -> bool:
         """Whether a decode step that leaves physical length ``n`` (the new token included) evicts."""
-        g = n - self.pinned
+        g = n - self.kept_prompt
         return g > self.budget and g % self.window == 0
 
     def next_trigger(self, n: int) -> int:
         """The first physical length above ``n`` that triggers, evicting no earlier than that (a
-        length at or below pinned + B never triggers)."""
-        return self.pinned + (max(self.budget, n - self.pinned) // self.window + 1) * self.window
+        length at or below kept_prompt + B never triggers)."""
+        return self.kept_prompt + (max(self.budget, n - self.kept_prompt) // self.window + 1) * self.window
 
     def evictions_in(self, prefill_len: int, new_tokens: int) -> int:
         """Evictions while a (re)prefill of ``prefill_len`` tokens goes on to sample ``new_tokens``.
@@ -55,9 +55,9 @@ class Geometry:
         return self.next_trigger(n) <= n + remaining_new_tokens - 1
 
     def slot_bound(self, prefill_len: int, evicted: bool = False) -> int:
-        """Most KV slots the request can hold from now on (VASE_SPEC, static footprint): pinned +
-        max(prefill - pinned, B) + R until its first eviction after a (re)prefill of ``prefill_len``
-        tokens, pinned + B + R once ``evicted`` (it then oscillates between pinned + B and that)."""
+        """Most KV slots the request can hold from now on (VASE_SPEC, static footprint): kept_prompt +
+        max(prefill - kept_prompt, B) + R until its first eviction after a (re)prefill of ``prefill_len``
+        tokens, kept_prompt + B + R once ``evicted`` (it then oscillates between kept_prompt + B and that)."""
         if evicted:
             return self.evicted_length + self.window
-        return self.pinned + max(prefill_len - self.pinned, self.budget) + self.window
+        return self.kept_prompt + max(prefill_len - self.kept_prompt, self.budget) + self.window

@@ -42,8 +42,8 @@ class RequestState:
     rid: str
     # Tokens its last (re)prefill writes: the prompt, or prompt + output after a retraction.
     prefill_len: int
-    # Leading columns never evicted: the prompt with keep_prompt, else 0 (``VaseParams.pinned``).
-    pinned: int = 0
+    # Leading columns never evicted: the prompt with keep_prompt, else 0 (``VaseParams.kept_prompt``).
+    kept_prompt: int = 0
     # Since the last (re)prefill: they drive the slot bound and the noise stream.
     evictions: int = 0
     evicted_tokens: int = 0
@@ -68,7 +68,7 @@ class RequestState:
     @property
     def geometry(self) -> Geometry:
         """Its budget, window and kept prompt: where its evictions fall."""
-        return Geometry(self.params.budget, self.params.window, self.pinned)
+        return Geometry(self.params.budget, self.params.window, self.kept_prompt)
 
     def due(self, n: int) -> bool:
         """Whether physical length ``n`` is an eviction trigger. A request is only evicted after a
@@ -120,11 +120,11 @@ class RequestState:
             self.provisional = None
         return False
 
-    def restart(self, prefill_len: int, pinned: int) -> None:
+    def restart(self, prefill_len: int, kept_prompt: int) -> None:
         """After a retraction the request is re-prefilled uncompressed: its eviction sequence
         starts over (the totals keep counting)."""
         self.prefill_len = prefill_len
-        self.pinned = pinned
+        self.kept_prompt = kept_prompt
         self.evictions = 0
         self.evicted_tokens = 0
         self.provisional = None

@@ -411,7 +411,7 @@ class EvictingDecoder:
 
     def _evict(self, stream: _Stream) -> None:
         geometry, n = stream.geometry, stream.length
-        q, m = geometry.pinned, n - geometry.window  # candidates q..m-1; the newest R slots are always kept
+        q, m = geometry.kept_prompt, n - geometry.window  # candidates q..m-1; the newest R slots are always kept
         k_keep, end = geometry.n_keep, geometry.evicted_length
         keeps = []
         for l in range(self.n_layers):
@@ -448,7 +448,7 @@ class EvictingDecoder:
     def _select(self, stream: _Stream, layer: int, rows: list[int], copies: torch.Tensor) -> torch.Tensor:
         """Keep sets ``[len(rows), H_kv, B - R]`` of ``layer`` for ``rows`` (held at ``copies`` of
         ``stream``), one batched ``select_keep`` per policy."""
-        q, m = self._geometries[rows[0]].pinned, stream.length - self.window
+        q, m = self._geometries[rows[0]].kept_prompt, stream.length - self.window
         keep = torch.empty((len(rows), self.n_kv, self.rows[rows[0]].policy.n_keep), dtype=torch.long,
                            device=self.device)
         by_policy = defaultdict(list)
