@@ -4,7 +4,7 @@ eviction stats, sent with each output to the tokenizer manager (see ``tokenizer_
 SGLang's documented extension point; ``scheduler_init`` sets ``has_additional_customized_info``.
 """
 
-from sglang_vase.engine.evictor import discard_trace
+from sglang_vase.engine import hooks
 from sglang_vase.engine.state import request_state
 
 TARGET = (
@@ -20,7 +20,8 @@ def stats(req) -> dict | None:
     if st is None:
         return None
     if st.settle(len(req.output_ids), req.finished()):
-        discard_trace(st)
+        if hooks.HOOKS.trace_dir:
+            hooks.HOOKS.discard_trace(st.rid, st.evictions)
     return {
         "policy": st.params.policy,
         "budget": st.params.budget,

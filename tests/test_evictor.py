@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_flatten
 
 from sglang_vase.config import DEFAULT_WORKSPACE_MB, VaseParams
 from sglang_vase.engine import evictor
-from sglang_vase.engine.evictor import FAULT_ENV, Eviction, _Shape, evict, warm_up
-from sglang_vase.engine import step
+from sglang_vase.engine.evictor import Eviction, _Shape, evict, warm_up
+from sglang_vase.engine import hooks, step
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.engine.step import KVPool
 from step_harness import FreeList, Request
@@ -28,6 +28,11 @@ from step_harness import FreeList, Request
 DEVICE = DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, H_KV, H_Q, D, POOL, ROWS = 2, 2, 4, 16, 256, 6
 WORKSPACE = DEFAULT_WORKSPACE_MB << 20  # the server default (--vase-workspace-mb)
+
+
+def _inject(monkeypatch, faults: str) -> None:
+    """Faults as a server reads them from SGLANG_VASE_TEST_FAIL_EVICTION."""
+    monkeypatch.setattr(hooks, "HOOKS", hooks.Hooks.from_env({hooks.FAULT_ENV: faults}))
 
 
 def make_engine(seed: int, n: int, budget: int, window: int, rows: list[int]):
@@ -126,7 +131,7 @@ def test_a_failure_stays_with_its_request(stage, monkeypatch):
     old_rows, old_k = req_to_token.clone(), [b.clone() for b in k_bufs]
     states = _states(params, rows, device, n)
     due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, states)]
-    monkeypatch.setenv(FAULT_ENV, f"{stage}:r12")
+    _inject(monkeypatch, f"{stage}:r12")
     workspace = 1 if stage == "apply" else WORKSPACE  # 1 byte: one request per batch
     result = evict(due, req_to_token, k_bufs, v_bufs, device, workspace_bytes=workspace)
     assert [e.state.rid for e, _ in result.failed] == ["r12"]
@@ -154,7 +159,7 @@ def test_a_failed_round_holds_nothing_once_its_result_is_dropped(stage, monkeypa
 
     agree = Agree()
     alive = weakref.ref(agree)
-    monkeypatch.setenv(FAULT_ENV, f"{stage}:r12")
+    _inject(monkeypatch, f"{stage}:r12")
     gc.disable()
     try:
         result = evict(due, req_to_token, k_bufs, v_bufs, device, workspace_bytes=1, agree=agree)
@@ -172,7 +177,7 @@ def test_apply_failure_reports_the_whole_batch(monkeypatch):
     k_bufs, v_bufs, req_to_token, device = make_engine(seed, 48, 32, 8, [1, 3])
     old_rows = req_to_token.clone()
     due = [Eviction(row=r, length=48, state=st) for r, st in zip([1, 3], _states(params, [1, 3], device, 48))]
-    monkeypatch.setenv(FAULT_ENV, "apply:r11")
+    _inject(monkeypatch, "apply:r11")
     result = evict(due, req_to_token, k_bufs, v_bufs, device)
     assert sorted(e.state.rid for e, _ in result.failed) == ["r11", "r12"] and not result.evicted
     assert torch.equal(req_to_token, old_rows) and result.freed_slots() is None

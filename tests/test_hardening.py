@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from sglang_vase.engine.evictor import FAULT_ENV
+from sglang_vase.engine.hooks import FAULT_ENV
 from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 

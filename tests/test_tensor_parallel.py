@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sglang_vase.config import VaseParams
-from sglang_vase.engine.evictor import FAULT_ENV, Eviction, agree_over, evict
-from sglang_vase.engine import step
+from sglang_vase.engine.evictor import Eviction, agree_over, evict
+from sglang_vase.engine import hooks, step
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.engine.step import KVPool
 from sglang_vase.serving import free_port
@@ -129,12 +129,12 @@ def _round_with_faults(rank: int, agree) -> dict:
                           prefill_len=n - 1, ring_row=device.bind_ring_row(row))
         due.append(Eviction(row=row, length=n, state=st))
     before = req_to_token.clone()
-    os.environ[FAULT_ENV] = FAULTS[rank]
+    hooks.HOOKS = hooks.Hooks.from_env({hooks.FAULT_ENV: FAULTS[rank]})  # this rank's process only
     try:
         # 1-byte workspace: one request per batch, so the compaction failure is r2's alone.
         result = evict(due, req_to_token, k_bufs, v_bufs, device, workspace_bytes=1, agree=agree)
     finally:
-        del os.environ[FAULT_ENV]
+        hooks.HOOKS = hooks.Hooks()
     failed = sorted(e.state.rid for e, _ in result.failed)
     untouched = [e.state.rid for e in due if torch.equal(req_to_token[e.row], before[e.row])]
     return {"failed": failed, "evicted": sorted(e.state.rid for e in result.evicted), "untouched": untouched,

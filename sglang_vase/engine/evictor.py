@@ -55,7 +55,6 @@ their noise by global head index, layers by their index: any split keeps exactly
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from collections import defaultdict
@@ -65,6 +64,7 @@ from typing import Callable
 import torch
 
 from sglang_vase.config import DEFAULT_WORKSPACE_MB, VaseParams
+from sglang_vase.engine import hooks
 from sglang_vase.engine.selection import select_keep
 from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_, score_candidates
@@ -75,13 +75,6 @@ from sglang_vase.policies.base import Policy
 
 logger = logging.getLogger(__name__)
 
-# Debugging and tests: save every eviction's keep sets here (one file per request and eviction),
-# so a reference can replay exactly what the engine kept. Costs a device-to-host copy per batch.
-TRACE_DIR_ENV = "SGLANG_VASE_TRACE_DIR"
-# Tests: "select:<text>" or "apply:<text>" (comma-separated) makes that phase raise for requests
-# whose id contains <text> (as SGLANG_TEST_RETRACT forces retractions), to show that the failure
-# stays theirs.
-FAULT_ENV = "SGLANG_VASE_TEST_FAIL_EVICTION"
 # The compaction kernel's scratch takes at most this share of the workspace.
 SCRATCH_SHARE = 4
 
@@ -419,7 +412,8 @@ class _Batch:
 
     def select(self, k_buffers, v_buffers, plan: _Plan) -> torch.Tensor:
         """Keep sets ``[Bq, L, H_kv, K]`` of every layer; reads the pool only."""
-        _inject_fault("select", self.members)
+        if hooks.HOOKS.faults:
+            hooks.HOOKS.fail("select", [e.state.rid for e in self.members])
         chunks = []
         for l0 in range(0, self.shape.layers, plan.layers):
             layers = range(l0, min(l0 + plan.layers, self.shape.layers))
@@ -460,7 +454,8 @@ class _Batch:
 
     def apply(self, keeps: torch.Tensor, k_buffers, v_buffers, scratch_budget: int) -> list[torch.Tensor]:
         """Compact every layer and rewrite the rows; returns each member's freed slot ids."""
-        _inject_fault("apply", self.members)
+        if hooks.HOOKS.faults:
+            hooks.HOOKS.fail("apply", [e.state.rid for e in self.members])
         g, b, r = self.shape.g, self.shape.policy.budget, self.shape.policy.window
         k = b - r
         k_storage, v_storage = [_storage(t) for t in k_buffers], [_storage(t) for t in v_buffers]
@@ -475,8 +470,11 @@ class _Batch:
             slots = torch.cat([targets, self.slots], dim=1)
             full_keep = torch.cat([keeps + width, sources[:, None, None, :].expand(*keeps.shape[:3], -1)], dim=3)
             compact_(k_storage, v_storage, slots, full_keep, scratch_budget)
-        if os.environ.get(TRACE_DIR_ENV):
-            _save_trace(self.members, self.shape.g, keeps.cpu())
+        if hooks.HOOKS.trace_dir:
+            keep = keeps.cpu()  # [Bq, L, H_kv, K]
+            hooks.HOOKS.save_trace([{"rid": e.state.rid, "eviction": e.state.evictions, "length": e.length,
+                                     "evictable": self.shape.g, "keep": keep[j].clone()}
+                                    for j, e in enumerate(self.members)])
         columns = self.starts[:, None] + torch.arange(b, device=self.rows.device)
         self.req_to_token[self.rows[:, None], columns] = new_row.to(self.req_to_token.dtype)
         return freed
@@ -547,33 +545,6 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _storage(buf: torch.Tensor) -> torch.Tensor:
     """The buffer as same-size integers: compaction moves bytes, whatever the KV dtype (fp8 too)."""
     return buf.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[buf.element_size()])
-
-
-def _inject_fault(stage: str, members: list[Eviction]) -> None:
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        where, _, needle = spec.partition(":")
-        for e in members:
-            if where == stage and needle and needle in e.state.rid:
-                raise RuntimeError(f"injected {stage} failure ({FAULT_ENV}) for request {e.state.rid}")
-
-
-def _trace_path(state: RequestState, eviction: int) -> str:
-    return os.path.join(os.environ[TRACE_DIR_ENV], f"{state.rid}-{eviction}.pt")
-
-
-def _save_trace(members: list[Eviction], g: int, keep: torch.Tensor) -> None:
-    """keep: ``[Bq, L, H_kv, K]``."""
-    for j, e in enumerate(members):
-        torch.save({"rid": e.state.rid, "eviction": e.state.evictions, "length": e.length, "evictable": g,
-                    "keep": keep[j].clone()}, _trace_path(e.state, e.state.evictions))
-
-
-def discard_trace(state: RequestState) -> None:
-    """Drop the trace of an eviction taken back (``RequestState.settle``): its index is reused."""
-    if os.environ.get(TRACE_DIR_ENV):
-        path = _trace_path(state, state.evictions)
-        if os.path.exists(path):
-            os.remove(path)
 
 
 def warm_up(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], device: DeviceState,
