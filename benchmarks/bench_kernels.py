@@ -204,10 +204,10 @@ def build_round(model: dict, bq: int, budget: int, device, policy: str = ROUND_P
     req_to_token = torch.zeros(bq + 1, n + 8, dtype=torch.int32, device=device)
     req_to_token[1:, :n] = (torch.randperm(pool - 1, generator=g, device=device)[: bq * n] + 1).view(bq, n).int()
     state = DeviceState(bq + 1, bq, layers, window, h_q, d, DTYPE, device)
-    state.ring.normal_(generator=g)
+    state.ring.buffer.normal_(generator=g)
     params = VaseParams(policy=policy, budget=budget, window=window)
     due = [Eviction(row=i + 1, length=n, state=RequestState(params, seed=1000 + i, rid=f"r{i}", prefill_len=n - 1,
-                                                             ring_row=state.bind_ring_row(i + 1)))
+                                                             ring_row=state.ring.bind(i + 1)))
            for i in range(bq)]
     return due, req_to_token, k_layers, v_layers, state
 

@@ -8,8 +8,7 @@ admission goes on with the requests behind it, which may need no row: short requ
 held up by the ring.
 """
 
-from sglang_vase.engine import state
-from sglang_vase.engine.state import needs_ring_row
+from sglang_vase.engine.state import device_of, needs_ring_row
 from sglang_vase.patches.prefill_adder import reserve_as_bounded
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
@@ -19,7 +18,7 @@ HOOK_TYPE = "AROUND"
 def hook(original, self, req, *args, **kwargs):
     if needs_ring_row(req):
         pending = sum(1 for r in self.can_run_list if needs_ring_row(r))
-        if state.DEVICE.free_ring_rows() - pending <= 0:
+        if device_of(self.tree_cache.req_to_token_pool).ring.free_rows() - pending <= 0:
             return self.budget_state()
     with reserve_as_bounded(self, req):
         return original(self, req, *args, **kwargs)

@@ -6,14 +6,14 @@ so the decode step needs no host data and replays in a CUDA graph (the graph cop
 A prefill (a new request, or a retracted one re-prefilled whole) starts its row's offset at zero.
 """
 
-from sglang_vase.engine import state
+from sglang_vase.engine.state import device_of
 
 TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 HOOK_TYPE = "AFTER"
 
 
 def hook(ret, cls, batch, model_runner, *args, **kwargs):
-    device = state.DEVICE
+    device = device_of(model_runner)
     if device is None or ret.req_pool_indices is None or ret.forward_mode.is_idle():
         return
     if ret.forward_mode.is_decode():

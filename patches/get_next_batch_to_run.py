@@ -41,9 +41,8 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.allocation import alloc_token_slots
 
 from sglang_vase import metrics
-from sglang_vase.engine import state
 from sglang_vase.engine.evictor import agree_over
-from sglang_vase.engine.state import request_state
+from sglang_vase.engine.state import device_of, request_state
 from sglang_vase.engine.step import KVPool, due, evict_requests
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
@@ -75,7 +74,7 @@ def hook(self, *args, **kwargs):
                 [pool.get_value_buffer(l) for l in layers])
     # Tensor parallelism: a failure on one rank only must abort the request on every rank.
     agree = agree_over(self.tp_cpu_group) if self.tp_size > 1 else None
-    result = evict_requests(requests, kv, state.DEVICE, _Slots(self), agree)
+    result = evict_requests(requests, kv, device_of(self.req_to_token_pool), _Slots(self), agree)
     if result.freed:
         # SGLang retries admission only when the batch shrinks; freed slots are room for more.
         batch.batch_is_full = False

@@ -9,8 +9,7 @@ from http import HTTPStatus
 
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-from sglang_vase.engine import state
-from sglang_vase.engine.state import needs_ring_row, request_state
+from sglang_vase.engine.state import device_of, needs_ring_row, request_state
 
 TARGET = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.alloc"
 HOOK_TYPE = "AROUND"
@@ -19,11 +18,12 @@ HOOK_TYPE = "AROUND"
 def hook(original, self, reqs, *args, **kwargs):
     due = [r for r in reqs if not r.kv.holds_kv and needs_ring_row(r)]
     result = original(self, reqs, *args, **kwargs)
-    if result is None or state.DEVICE is None:
+    device = device_of(self)
+    if result is None or device is None:
         return result
     for req in due:
         st = request_state(req)
-        st.ring_row = state.DEVICE.bind_ring_row(req.kv.req_pool_idx)
+        st.ring_row = device.ring.bind(req.kv.req_pool_idx)
         if not st.ring_row:
             req.to_finish = FINISH_ABORT("sglang-vase: no query-ring row was free for this request",
                                          status_code=HTTPStatus.SERVICE_UNAVAILABLE)

@@ -74,8 +74,9 @@ class VaseParams:
     def memory_plan(self, shape: "ModelShape") -> "Plan":
         """How the query ring and the eviction workspace share the KV budget (``engine.memory``)."""
         from sglang_vase.engine.memory import Plan
+        from sglang_vase.engine.ring import QueryRing
 
-        return Plan(budget=self.budget, window=self.window, ring_row_bytes=shape.ring_row_bytes(self.window),
+        return Plan(budget=self.budget, window=self.window, ring_row_bytes=QueryRing.row_bytes(shape, self.window),
                     workspace_bytes=self.workspace_mb << 20, ring_rows=self.ring_rows)
 
     def validate(self) -> "VaseParams":

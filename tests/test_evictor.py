@@ -45,8 +45,8 @@ def make_engine(seed: int, n: int, budget: int, window: int, rows: list[int]):
         req_to_token[r, :n] = ids[i * n : (i + 1) * n].int()
     device = DeviceState(ROWS, len(rows), LAYERS, window, H_Q, D, torch.float32, DEVICE)
     for r in rows:
-        device.bind_ring_row(r)
-    device.ring.copy_(torch.randn(device.ring.shape, generator=g))
+        device.ring.bind(r)
+    device.ring.buffer.copy_(torch.randn(device.ring.buffer.shape, generator=g))
     device.position_offset[rows] = torch.tensor([0, 7, 100][: len(rows)])
     return k_bufs, v_bufs, req_to_token.to(DEVICE), device
 
@@ -61,7 +61,7 @@ def test_round_rewrites_rows_and_frees_the_middle(policy):
     old_k = [b.clone() for b in k_bufs]
     states = [RequestState(params, seed=s, rid=f"r{s}", prefill_len=n) for s in (11, 12, 13)]
     for r, st in zip(rows, states):
-        st.ring_row = int(device.ring_row[r])
+        st.ring_row = int(device.ring.row_of[r])
     due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, states)]
 
     result = evict(due, req_to_token, k_bufs, v_bufs, device)
@@ -95,7 +95,7 @@ def test_kernel_path_keeps_what_the_torch_path_keeps(policy, monkeypatch):
 
     def run():
         k_bufs, v_bufs, req_to_token, device = make_engine(seed, n, budget, window, rows)
-        states = [RequestState(params, seed=s, rid="x", prefill_len=n, ring_row=int(device.ring_row[r]))
+        states = [RequestState(params, seed=s, rid="x", prefill_len=n, ring_row=int(device.ring.row_of[r]))
                   for r, s in zip(rows, (3, 4))]
         due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, states)]
         freed = evict(due, req_to_token, k_bufs, v_bufs, device).freed_slots()
@@ -116,7 +116,7 @@ def test_kernel_path_keeps_what_the_torch_path_keeps(policy, monkeypatch):
 
 
 def _states(params, rows, device, n, seeds=(11, 12, 13)):
-    return [RequestState(params, seed=s, rid=f"r{s}", prefill_len=n, ring_row=int(device.ring_row[r]))
+    return [RequestState(params, seed=s, rid=f"r{s}", prefill_len=n, ring_row=int(device.ring.row_of[r]))
             for r, s in zip(rows, seeds)]
 
 
@@ -229,9 +229,9 @@ def test_rank_local_heads_keep_what_one_process_keeps(policy):
         v_bufs = [b[:, heads].clone().to(DEVICE) for b in v_full]
         device = DeviceState(ROWS, len(rows), LAYERS, window, len(range(h_kv)[heads]) * group, D, torch.float32,
                              DEVICE, head_offset=head_offset)
-        device.ring.copy_(ring[:, :, :, heads.start * group : heads.stop * group])
+        device.ring.buffer.copy_(ring[:, :, :, heads.start * group : heads.stop * group])
         for r in rows:
-            device.bind_ring_row(r)
+            device.ring.bind(r)
         rtt = req_to_token.clone().to(DEVICE)
         due = [Eviction(row=r, length=n, state=st) for r, st in zip(rows, _states(params, rows, device, n))]
         evict(due, rtt, k_bufs, v_bufs, device)
@@ -255,7 +255,7 @@ def _decode_with_evictions(policy: str, sort_kept: bool, seed: int, budget=32, w
                 [torch.zeros(POOL, H_KV, D) for _ in range(LAYERS)])
     device = DeviceState(ROWS, 1, LAYERS, window, H_Q, D, torch.float32, "cpu")
     row = 1
-    req = Request(RequestState(params, seed=seed, rid="pos", prefill_len=prompt, ring_row=device.bind_ring_row(row)), row)
+    req = Request(RequestState(params, seed=seed, rid="pos", prefill_len=prompt, ring_row=device.ring.bind(row)), row)
     slots, kept_after = FreeList(range(1, POOL)), []
     for position in range(prompt + steps):
         slot = slots.take()
@@ -263,7 +263,7 @@ def _decode_with_evictions(policy: str, sort_kept: bool, seed: int, budget=32, w
             kv.k_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)
             kv.v_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)
             kv.v_buffers[layer][slot, :, 0] = float(position)
-            device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), torch.randn(1, H_Q, D, generator=g))
+            device.ring.record_decode(layer, torch.tensor([row]), torch.tensor([position]), torch.randn(1, H_Q, D, generator=g))
         kv.req_to_token[row, req.length] = slot
         req.length += 1
         if position < prompt - 1:  # the prefill: no step yet
@@ -330,7 +330,7 @@ def test_a_round_never_waits_for_the_device(policy, monkeypatch):
     device = DeviceState(ROWS, 3, LAYERS, 8, H_Q, D, torch.float32, dev)
     params = VaseParams(policy=policy, budget=32, window=8)
     due = [Eviction(row=r, length=48, state=RequestState(params, seed=r, rid=f"r{r}", prefill_len=47,
-                                                         ring_row=device.bind_ring_row(r)), protected=20)
+                                                         ring_row=device.ring.bind(r)), protected=20)
            for r in (1, 3, 4)]
 
     def claim(members):  # r1 gets no fresh slots: it is deferred
@@ -371,12 +371,12 @@ def _per_layer_round(params, seeds, rows, n, k_bufs, v_bufs, req_to_token, devic
         slots = req_to_token[row, :n].long()
         cand = slots[: n - r]
         last = torch.tensor([n - 1]) + device.position_offset[row]
-        positions = device.window_slots(last, r)
-        ring_rows = device.ring_row[[row]]
+        positions = device.ring.window_slots(last, r)
+        ring_rows = device.ring.row_of[[row]]
         for layer in range(LAYERS):
             keys = gather_candidates(k_bufs[layer : layer + 1], cand[None])[:, 0]
             values = gather_candidates(v_bufs[layer : layer + 1], cand[None])[:, 0]
-            queries = gather_queries(device.ring[:, layer : layer + 1], ring_rows, positions)[:, 0]
+            queries = gather_queries(device.ring.buffer[:, layer : layer + 1], ring_rows, positions)[:, 0]
             keep = select_keep(policy, keys, values, queries, torch.tensor([seed]), torch.tensor([0]), layer)[0]
             for buf, kept in ((k_bufs[layer], keys), (v_bufs[layer], values)):
                 buf[slots[:k]] = torch.stack([kept[0, h, keep[h]] for h in range(H_KV)], dim=1)

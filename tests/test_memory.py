@@ -14,6 +14,7 @@ import pytest
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.memory import ModelShape
+from sglang_vase.engine.ring import QueryRing
 
 QWEN3 = {
     # name: (hidden, layers, q heads, kv heads, intermediate, tied embeddings, parameters)
@@ -61,7 +62,7 @@ def test_ring_is_a_small_share_of_the_kv_pool_at_default_flags(tmp_path, name, t
 def test_shape_and_plan_arithmetic(tmp_path):
     shape = ModelShape.from_model_config(model_config(tmp_path, "Qwen3-14B"), 1)
     assert (shape.layers, shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype_bytes) == (40, 40, 8, 128, 2)
-    assert shape.ring_row_bytes(64) == 40 * 64 * 40 * 128 * 2  # 25 MiB a row, as the issue measured
+    assert QueryRing.row_bytes(shape, 64) == 40 * 64 * 40 * 128 * 2  # 25 MiB a row, as the issue measured
     assert shape.kv_cell_bytes() == 40 * 8 * 256 * 2
     plan = VaseParams(budget=128, window=32).memory_plan(shape)
     budget = 10 * 2**30
@@ -71,4 +72,4 @@ def test_shape_and_plan_arithmetic(tmp_path):
     # A fixed --vase-ring-rows is charged whole; rows never exceed the running requests.
     fixed = VaseParams(budget=128, window=32, ring_rows=3).memory_plan(shape)
     assert fixed.rows_for(10**6, 100) == 3 and fixed.rows_for(10**6, 2) == 2
-    assert fixed.fixed_bytes() == fixed.workspace_bytes + 4 * shape.ring_row_bytes(32)
+    assert fixed.fixed_bytes() == fixed.workspace_bytes + 4 * QueryRing.row_bytes(shape, 32)

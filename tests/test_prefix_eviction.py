@@ -60,8 +60,8 @@ def _sequence(g, n):
 
 def _request(pool: Pool, row: int, seed: int, params: VaseParams, kept_prompt: int, ring: torch.Tensor):
     st = RequestState(params, seed=seed, rid=f"r{row}", prefill_len=kept_prompt, kept_prompt=kept_prompt,
-                      ring_row=pool.device.bind_ring_row(row))
-    pool.device.ring[st.ring_row] = ring
+                      ring_row=pool.device.ring.bind(row))
+    pool.device.ring.buffer[st.ring_row] = ring
     pool.device.position_offset[row] = 5
     return st
 
@@ -133,7 +133,7 @@ def test_shared_prefix_keeps_what_own_slots_keep(policy, case):
     params = VaseParams(policy=policy, budget=BUDGET, window=WINDOW, keep_prompt=keep_prompt)
     pool = Pool(seed)
     data = _sequence(pool.g, n)
-    ring = torch.randn(pool.device.ring.shape[1:], generator=pool.g)
+    ring = torch.randn(pool.device.ring.buffer.shape[1:], generator=pool.g)
     a_slots, tree, b_own = pool.take(n), pool.take(protected), pool.take(n - protected)
     pool.fill(1, a_slots, data)
     pool.fill(2, torch.cat([tree, b_own]), data)
@@ -178,7 +178,7 @@ def test_fresh_slots_may_be_the_tree_slots_it_reads():
     prompt, n = 37, 40
     pool = Pool(seed)
     data = _sequence(pool.g, n)
-    ring = torch.randn(pool.device.ring.shape[1:], generator=pool.g)
+    ring = torch.randn(pool.device.ring.buffer.shape[1:], generator=pool.g)
     a_slots, tree, b_own = pool.take(n), pool.take(prompt), pool.take(n - prompt)
     pool.fill(1, a_slots, data)
     pool.fill(2, torch.cat([tree, b_own]), data)
@@ -198,7 +198,7 @@ def test_a_request_without_fresh_slots_is_deferred_untouched():
     pool = Pool(seed)
     prompt, n = 20, 40
     pool.fill(2, torch.cat([pool.take(prompt), pool.take(n - prompt)]), _sequence(pool.g, n))
-    st = _request(pool, 2, 1, params, 0, torch.randn(pool.device.ring.shape[1:], generator=pool.g))
+    st = _request(pool, 2, 1, params, 0, torch.randn(pool.device.ring.buffer.shape[1:], generator=pool.g))
     before = [x.clone() for x in pool.row_kv(2, n)]
     row = pool.req_to_token[2].clone()
     pool.free = pool.free[:0]  # no free slot, and the tree slots are shared: nothing to allocate
@@ -263,7 +263,7 @@ def test_a_tree_slot_another_request_released_is_only_reused_after_it_was_read(m
     params = VaseParams(policy="vase", budget=BUDGET, window=WINDOW)
     prompt, n = 37, 40
     pool = Pool(seed)
-    ring = torch.randn(pool.device.ring.shape[1:], generator=pool.g)
+    ring = torch.randn(pool.device.ring.buffer.shape[1:], generator=pool.g)
     rows = {}  # name -> (row, data, tree slots)
     for name, row, twin in (("b", 2, 1), ("c", 3, 4)):
         data = _sequence(pool.g, n)

@@ -44,7 +44,7 @@ def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
     device = DeviceState(ROWS, len(REQUESTS), LAYERS, ring_window, h_local * GROUP, D, torch.float32, "cpu",
                          head_offset=heads.start)
     reqs = [Request(RequestState(VaseParams(policy=policy, budget=b, window=w), seed=seed + i, rid=f"r{i}",
-                                 prefill_len=p, ring_row=device.bind_ring_row(row)), row)
+                                 prefill_len=p, ring_row=device.ring.bind(row)), row)
             for i, (row, p, b, w) in enumerate(REQUESTS)]
     slots, events = FreeList(range(1, POOL)), []
     for position in range(max(p for _, p, _, _ in REQUESTS) + STEPS):
@@ -57,7 +57,7 @@ def _serve(policy: str, seed: int, heads: slice) -> tuple[list, dict]:
                 kv.k_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
                 kv.v_buffers[layer][slot] = torch.randn(H_KV, D, generator=g)[heads]
                 q = torch.randn(1, H_KV * GROUP, D, generator=g)[:, heads.start * GROUP : heads.stop * GROUP]
-                device.record_decode(layer, torch.tensor([row]), torch.tensor([position]), q)
+                device.ring.record_decode(layer, torch.tensor([row]), torch.tensor([position]), q)
             kv.req_to_token[row, req.length] = slot
             req.length += 1
             if position >= prompt - 1:  # past its prefill
@@ -118,7 +118,7 @@ def _round_with_faults(rank: int, agree) -> dict:
     k_bufs = [torch.randn(POOL, H_KV, D, generator=g)[:, heads].contiguous() for _ in range(LAYERS)]
     v_bufs = [torch.randn(POOL, H_KV, D, generator=g)[:, heads].contiguous() for _ in range(LAYERS)]
     device = DeviceState(ROWS, len(ROUND), LAYERS, 8, h_local * GROUP, D, torch.float32, "cpu", head_offset=heads.start)
-    device.ring.copy_(torch.randn(device.ring.shape[:3] + (H_KV * GROUP, D), generator=g)[
+    device.ring.buffer.copy_(torch.randn(device.ring.buffer.shape[:3] + (H_KV * GROUP, D), generator=g)[
         :, :, :, heads.start * GROUP : heads.stop * GROUP])
     req_to_token = torch.zeros(ROWS, 256, dtype=torch.int32)
     slots = torch.randperm(POOL - 1, generator=g) + 1
@@ -126,7 +126,7 @@ def _round_with_faults(rank: int, agree) -> dict:
     for i, (row, n, budget, window) in enumerate(ROUND):
         req_to_token[row, :n] = slots[i * n : (i + 1) * n].int()
         st = RequestState(VaseParams(policy="vase", budget=budget, window=window), seed=i, rid=f"r{i}",
-                          prefill_len=n - 1, ring_row=device.bind_ring_row(row))
+                          prefill_len=n - 1, ring_row=device.ring.bind(row))
         due.append(Eviction(row=row, length=n, state=st))
     before = req_to_token.clone()
     hooks.HOOKS = hooks.Hooks.from_env({hooks.FAULT_ENV: FAULTS[rank]})  # this rank's process only

@@ -227,8 +227,8 @@ class _Shape:
     @classmethod
     def of(cls, policy: Policy, g: int, k_buf: torch.Tensor, device: DeviceState, layers: int) -> "_Shape":
         h_kv, d = k_buf.shape[1], k_buf.shape[2]
-        return cls(policy, g, layers, h_kv, device.ring.shape[3] // h_kv, d, k_buf.element_size(),
-                   policy.kernel_scoring() is not None, use_triton(k_buf), runs_triton(k_buf), device.ring.shape[2],
+        return cls(policy, g, layers, h_kv, device.ring.q_heads // h_kv, d, k_buf.element_size(),
+                   policy.kernel_scoring() is not None, use_triton(k_buf), runs_triton(k_buf), device.ring.window,
                    k_buf.device)
 
     def per_head_bytes(self, chunk_layers: int, chunk_heads: int) -> tuple[int, int, int]:
@@ -408,7 +408,7 @@ class _Batch:
         self.cand = self.slots[:, : g - r]
         last = self.lengths - 1 + device.position_offset[self.rows]  # true position of each newest token
         # Ring slots of each request's window (the ring is indexed by true position % its depth).
-        self.window_slots = device.window_slots(last, r) if shape.policy.needs_queries else None
+        self.window_slots = device.ring.window_slots(last, r) if shape.policy.needs_queries else None
 
     def select(self, k_buffers, v_buffers, plan: _Plan) -> torch.Tensor:
         """Keep sets ``[Bq, L, H_kv, K]`` of every layer; reads the pool only."""
@@ -430,7 +430,7 @@ class _Batch:
         v_layers = [b[:, h0:h1] for b in v_layers]
         bq, n, d = self.cand.shape[0], self.cand.shape[1], shape.head_dim
         lead = (bq, len(layers), h1 - h0)
-        ring = self.device.ring[:, layers.start : layers.stop, :, h0 * shape.group : h1 * shape.group]
+        ring = self.device.ring.view(layers, slice(h0 * shape.group, h1 * shape.group))
         precomputed = None
         if shape.scored:
             spec = policy.kernel_scoring()

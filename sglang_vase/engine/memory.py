@@ -1,7 +1,7 @@
 """Device memory eviction needs beside the KV pool, planned before SGLang sizes the pool.
 
 Two buffers live outside SGLang's pool:
-- the query ring (``state.DeviceState``): ``L x R x H_q x D`` model-dtype values per ring row. Only
+- the query ring (``engine.ring``): ``L x R x H_q x D`` model-dtype values per ring row. Only
   a request that can reach its trigger holds a row, and a pool of T tokens holds at most
   T // (B + R) of them at the server's budget B, so the ring gets that many rows (capped by
   ``--max-running-requests``; ``--vase-ring-rows`` overrides) plus one scratch row;
@@ -39,9 +39,6 @@ class ModelShape:
             v_head_dim=model_config.v_head_dim,
             dtype_bytes=model_config.dtype.itemsize,
         )
-
-    def ring_row_bytes(self, window: int) -> int:
-        return self.layers * window * self.q_heads * self.head_dim * self.dtype_bytes
 
     def kv_cell_bytes(self, kv_dtype_bytes: int | None = None) -> int:
         """KV bytes per token (SGLang's MHA cell size)."""

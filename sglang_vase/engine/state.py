@@ -1,14 +1,10 @@
-"""State VaSE keeps beside SGLang's: per request (host) and per scheduler process (device).
+"""State VaSE keeps beside SGLang's: per request (host) and per model runner (device).
 
 Per request (``RequestState``, attached to SGLang's ``Req``): its settings, its seed, counters, its
 slot bound and its query-ring row.
 
-Per scheduler process (``DeviceState``, allocated with the KV pool, before CUDA-graph capture):
-- ``ring``: post-RoPE queries of the last ``window`` tokens, ``[ring rows + 1, layers, window, H_q, D]``
-  in the model dtype, written at ``position % window``: the attention-scoring policies' observation
-  window. Only requests that use queries and can reach their trigger hold a ring row; row 0 is a
-  scratch row that every other request writes into (no branch, no host data in the forward).
-- ``ring_row``: ``req_to_token`` row -> ring row (0 when it holds none), read inside the forward.
+Per model runner (``DeviceState``, allocated with the KV pool, before CUDA-graph capture):
+- ``ring``: the query ring (``engine.ring``);
 - ``position_offset``: true position minus physical length, per ``req_to_token`` row. Decode
   positions are ``seq_lens - 1 + offset[row]`` so RoPE stays absolute after evictions; a device
   tensor, so the decode step needs no host data.
@@ -24,6 +20,7 @@ import torch
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine.geometry import Geometry
+from sglang_vase.engine.ring import QueryRing
 from sglang_vase.policies.base import Policy
 
 logger = logging.getLogger(__name__)
@@ -147,64 +144,30 @@ def needs_ring_row(req) -> bool:
 
 
 class DeviceState:
+    """What eviction keeps on the device per model runner (one per scheduler process and rank): the
+    query ring and the position offsets. The model runner holds it and hands it to the SGLang
+    objects that reach it (``attach``), so no module global carries it."""
+
     def __init__(
         self, rows: int, ring_rows: int, num_layers: int, window: int, num_q_heads: int, head_dim: int,
         dtype, device, head_offset: int = 0,
     ):
-        self.window = window
         self.head_offset = head_offset  # global index of this rank's first KV head (tensor parallelism)
-        self.ring = torch.zeros((ring_rows + 1, num_layers, window, num_q_heads, head_dim), dtype=dtype, device=device)
-        self.ring_row = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.ring = QueryRing(rows, ring_rows, num_layers, window, num_q_heads, head_dim, dtype, device)
         self.position_offset = torch.zeros(rows, dtype=torch.int64, device=device)
-        self._free_ring_rows = list(range(ring_rows, 0, -1))
-
-    @property
-    def ring_bytes(self) -> int:
-        return self.ring.numel() * self.ring.element_size()
-
-    # --- ring rows (host bookkeeping; the device map is written when a row is bound) -----------
-    def free_ring_rows(self) -> int:
-        return len(self._free_ring_rows)
-
-    def bind_ring_row(self, req_pool_idx: int) -> int:
-        """Give the request in ``req_to_token`` row ``req_pool_idx`` a ring row; 0 if none is free."""
-        if not self._free_ring_rows:
-            return 0
-        ring_row = self._free_ring_rows.pop()
-        self.ring_row[req_pool_idx] = ring_row
-        return ring_row
-
-    def release_ring_row(self, req_pool_idx: int, ring_row: int) -> None:
-        if ring_row:
-            self.ring_row[req_pool_idx] = 0
-            self._free_ring_rows.append(ring_row)
-
-    # --- the forward's writes (plain tensor ops: captured into the decode CUDA graph) ---------
-    def record_decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, q: torch.Tensor) -> None:
-        """One query per row: ``q`` is ``[bs, H_q, D]``."""
-        self.ring[self.ring_row[rows], layer, positions % self.window] = q.to(self.ring.dtype)
-
-    def record_extend(
-        self, layer: int, rows: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor,
-        positions: torch.Tensor, q: torch.Tensor,
-    ) -> None:
-        """Prefill (or a chunk of it): keep the queries of each request's last ``window`` tokens.
-
-        Tokens outside that tail are written to the scratch row 0 instead of being filtered out,
-        which keeps every shape fixed and needs no host sync.
-        """
-        token_rows = torch.repeat_interleave(self.ring_row[rows], extend_lens, output_size=q.shape[0])
-        token_ends = torch.repeat_interleave(seq_lens, extend_lens, output_size=q.shape[0])
-        in_tail = positions >= token_ends - self.window
-        target_rows = torch.where(in_tail, token_rows, torch.zeros_like(token_rows))
-        self.ring[target_rows, layer, positions % self.window] = q.to(self.ring.dtype)
-
-    def window_slots(self, last: torch.Tensor, window: int) -> torch.Tensor:
-        """Ring positions ``[Bq, window]`` of the ``window`` tokens up to true position ``last``
-        (the same for every layer)."""
-        offsets = torch.arange(window, device=last.device)
-        return (last[:, None] - offsets[None, :]) % self.window
 
 
-# One model runner per scheduler process (speculative decoding is refused), so one device state.
-DEVICE: DeviceState | None = None
+_ATTR = "_vase_device"
+
+
+def attach(device: DeviceState, *owners) -> None:
+    """Hang the device state on the SGLang objects whose methods the patches hook (the model runner,
+    its ``req_to_token`` pool, its attention layers)."""
+    for owner in owners:
+        setattr(owner, _ATTR, device)
+
+
+def device_of(owner) -> DeviceState | None:
+    """The device state ``attach`` hung on ``owner``; None before the pool exists, or for a draft
+    model's runner (speculative decoding is refused)."""
+    return getattr(owner, _ATTR, None)
