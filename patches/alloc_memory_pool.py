@@ -14,9 +14,10 @@ import logging
 from sglang.srt.runtime_context import get_parallel
 
 from sglang_vase.config import server_defaults
-from sglang_vase.engine.evictor import requests_per_batch, runs_triton, warm_up
+from sglang_vase.engine.evictor import requests_per_batch, warm_up
 from sglang_vase.engine.memory import ModelShape
 from sglang_vase.engine.state import DeviceState, attach
+from sglang_vase.kernels._dispatch import Route
 
 TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
 HOOK_TYPE = "AFTER"
@@ -54,7 +55,7 @@ def hook(result, self, *args, **kwargs):
     attach(device, self, self.req_to_token_pool, *attention)
     layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
     k_buffers = [pool.get_key_buffer(l) for l in layers]
-    if runs_triton(k_buffers[0]):
+    if Route.of(k_buffers[0]).compaction:
         seconds = warm_up(k_buffers, [pool.get_value_buffer(l) for l in layers], device, defaults)
         logger.info("sglang-vase: eviction kernels compiled for this server's shapes in %.1f s (lengths and "
                     "batch sizes are not compiled in: nothing compiles while serving)", seconds)

@@ -70,8 +70,8 @@ from sglang_vase.engine.state import DeviceState, RequestState
 from sglang_vase.kernels import compact_, score_candidates
 from sglang_vase.kernels.compaction import scratch_bytes
 from sglang_vase.kernels.scoring import gather_candidates, gather_queries, max_splits
-from sglang_vase.kernels._dispatch import pow2_at_least, use_triton
-from sglang_vase.policies.base import Policy
+from sglang_vase.kernels._dispatch import Route, as_bytes, pow2_at_least
+from sglang_vase.policies.base import KernelScoring, Policy, Precomputed
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ def evict(
         # One policy object per setting (``VaseParams.build_policy`` caches them); seeds stay per member.
         groups[(e.state.policy, e.length - e.kept_prompt)].append(e)
     result = RoundResult()
-    for (policy, g), members in groups.items():
-        shape = _Shape.of(policy, g, k_buffers[0], device, len(k_buffers))
+    for (policy, evictable), members in groups.items():
+        shape = _Shape.of(policy, evictable, k_buffers[0], device, len(k_buffers))
         plan = shape.plan(workspace_bytes)
         for i in range(0, len(members), plan.requests):
             _evict_batch(members[i : i + plan.requests], shape, plan, req_to_token, k_buffers, v_buffers, device,
@@ -212,53 +212,52 @@ class _Shape:
     """What one group's eviction touches, for planning its transient memory."""
 
     policy: Policy
-    g: int  # evictable length n - q: the candidates and the recency tail
+    evictable: int  # evictable length n - q: the candidates and the recency tail
     layers: int
     h_kv: int
     group: int
     head_dim: int
     itemsize: int
-    scored: bool  # attention and value range come from ``score_candidates``
-    scoring_kernel: bool  # ... from its Triton kernel (not for fp8 e4m3 below compute capability 8.9)
-    triton: bool  # the device runs the Triton kernels: compaction (raw bytes, any dtype) and noise
+    scoring: KernelScoring | None  # attention and value range come from ``score_candidates``
+    route: Route  # Triton or torch, for scoring and for compaction and noise
     ring_depth: int  # the query ring's depth (the server's window): the scoring kernel's query block
     device: torch.device
 
     @classmethod
-    def of(cls, policy: Policy, g: int, k_buf: torch.Tensor, device: DeviceState, layers: int) -> "_Shape":
+    def of(cls, policy: Policy, evictable: int, k_buf: torch.Tensor, device: DeviceState, layers: int) -> "_Shape":
         h_kv, d = k_buf.shape[1], k_buf.shape[2]
-        return cls(policy, g, layers, h_kv, device.ring.q_heads // h_kv, d, k_buf.element_size(),
-                   policy.kernel_scoring() is not None, use_triton(k_buf), runs_triton(k_buf), device.ring.window,
-                   k_buf.device)
+        return cls(policy, evictable, layers, h_kv, device.ring.q_heads // h_kv, d, k_buf.element_size(),
+                   policy.kernel_scoring(), Route.of(k_buf), device.ring.window, k_buf.device)
 
     def per_head_bytes(self, chunk_layers: int, chunk_heads: int) -> tuple[int, int, int]:
         """(one layer's selection, one layer's keep set held to the end, one layer's torch
         compaction temporary) per request and KV head, when a selection chunk holds at least
         ``chunk_layers`` layers and ``chunk_heads`` KV heads of each of its requests."""
-        n, k, w, g, d = self.g - self.policy.window, self.policy.n_keep, self.policy.window, self.group, self.head_dim
+        n, k, w = self.evictable - self.policy.window, self.policy.n_keep, self.policy.window
+        group, d = self.group, self.head_dim
         # The selection's temporaries: pin scores, noise, keys, top-k values and indices, the keep set.
         # Measured with the torch profiler over [1, 40, 8, 4096] scores: 12 (snapkv), 32 (vase) and 54
         # (vase-adaptive, its median) bytes per candidate; 56 bounds them all.
         select = 56 * n
-        if self.scored:
+        if self.scoring is not None:
             # attention (and its unsmoothed copy) and value range, held while the chunk selects
             select += 3 * n * 4
-            if self.scoring_kernel:  # pass 1's partial softmax statistics (fewer splits the more rows)
-                splits = max_splits(n, chunk_layers * chunk_heads * g, self.device)
-                select += g * splits * pow2_at_least(self.ring_depth) * 8
+            if self.route.scoring:  # pass 1's partial softmax statistics (fewer splits the more rows)
+                splits = max_splits(n, chunk_layers * chunk_heads * group, self.device)
+                select += group * splits * pow2_at_least(self.ring_depth) * 8
             else:  # the reference gathers K, V and the queries, and forms the [W, N] softmax
-                select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
-                select += 2 * g * w * n * 4
+                select += 2 * n * d * (self.itemsize + 4) + group * n * d * 4 + group * w * d * (self.itemsize + 4)
+                select += 2 * group * w * n * 4
         if self.policy.reads_kv:  # gathered K/V and their fp32 copies, GQA-repeated keys
-            select += 2 * n * d * (self.itemsize + 4) + g * n * d * 4 + g * w * d * (self.itemsize + 4)
+            select += 2 * n * d * (self.itemsize + 4) + group * n * d * 4 + group * w * d * (self.itemsize + 4)
         keep = 3 * (k + w) * 8  # the keep set, and on the copy-on-evict path two shifted copies
-        temp = 0 if self.triton else 2 * (k + w) * d * self.itemsize
+        temp = 0 if self.route.compaction else 2 * (k + w) * d * self.itemsize
         return select, keep, temp
 
     def scratch_bytes(self, workspace_bytes: int) -> int:
         """The compaction kernel's scratch: at most ``1 / SCRATCH_SHARE`` of the workspace, at least
         one program's."""
-        if not self.triton:
+        if not self.route.compaction:
             return 0
         row = scratch_bytes(1, self.policy.n_keep + self.policy.window, self.head_dim, self.itemsize)
         return max(row, workspace_bytes // SCRATCH_SHARE // row * row)
@@ -402,7 +401,7 @@ class _Batch:
         host = _to_device(torch.tensor([[e.row, e.state.ring_row, e.state.seed, e.state.evictions, e.kept_prompt,
                                          e.length] for e in members], dtype=torch.int64), dev)
         self.rows, self.ring_rows, self.seeds, self.evictions, self.starts, self.lengths = host.unbind(1)
-        g, r = shape.g, shape.policy.window
+        g, r = shape.evictable, shape.policy.window
         columns = self.starts[:, None] + torch.arange(g, device=dev)
         self.slots = req_to_token[self.rows[:, None], columns].long()  # [Bq, g]: columns q..n-1
         self.cand = self.slots[:, : g - r]
@@ -432,36 +431,35 @@ class _Batch:
         lead = (bq, len(layers), h1 - h0)
         ring = self.device.ring.view(layers, slice(h0 * shape.group, h1 * shape.group))
         precomputed = None
-        if shape.scored:
-            spec = policy.kernel_scoring()
+        if (spec := shape.scoring) is not None:
             attn, vrange = score_candidates(k_layers, v_layers, self.cand, ring, self.ring_rows, self.window_slots,
-                                            **spec)
-            precomputed = {("attention", spec["temperature"], spec["smoothing"]): attn,
-                           ("value_range", spec["n_sink"]): vrange}
+                                            temperature=spec.temperature, n_sink=spec.n_sink,
+                                            smoothing=spec.smoothing, triton_path=shape.route.scoring)
+            precomputed = Precomputed(spec, attn, vrange)
         if policy.reads_kv:
             keys, values = gather_candidates(k_layers, self.cand), gather_candidates(v_layers, self.cand)
         else:  # the policy reads only the precomputed scores and the shapes: zero-size stand-ins
             keys = values = k_layers[0].new_zeros(()).expand(*lead, n, d)
         queries = None
         if policy.needs_queries:
-            if policy.reads_kv or not shape.scored:
+            if policy.reads_kv or shape.scoring is None:
                 queries = gather_queries(ring, self.ring_rows, self.window_slots)
             else:
                 queries = ring.new_zeros(()).expand(bq, len(layers), (h1 - h0) * shape.group, policy.window, d)
         return select_keep(policy, keys, values, queries, self.seeds, self.evictions, layers,
                            precomputed=precomputed, head_offset=self.device.head_offset + h0,
-                           fused_noise=shape.triton)
+                           fused_noise=shape.route.compaction)
 
     def apply(self, keeps: torch.Tensor, k_buffers, v_buffers, scratch_budget: int) -> list[torch.Tensor]:
         """Compact every layer and rewrite the rows; returns each member's freed slot ids."""
         if hooks.HOOKS.faults:
             hooks.HOOKS.fail("apply", [e.state.rid for e in self.members])
-        g, b, r = self.shape.g, self.shape.policy.budget, self.shape.policy.window
+        g, b, r = self.shape.evictable, self.shape.policy.budget, self.shape.policy.window
         k = b - r
-        k_storage, v_storage = [_storage(t) for t in k_buffers], [_storage(t) for t in v_buffers]
+        k_storage, v_storage = [as_bytes(t) for t in k_buffers], [as_bytes(t) for t in v_buffers]
         if all(m.protected <= m.kept_prompt for m in self.members):
             # Every candidate is the request's own: keep in the first K candidate slots.
-            compact_(k_storage, v_storage, self.cand, keeps, scratch_budget)
+            compact_(k_storage, v_storage, self.cand, keeps, scratch_budget, self.shape.route.compaction)
             new_row = torch.cat([self.cand[:, :k], self.slots[:, g - r :]], dim=1)
             freed = list(self.cand[:, k:].unbind(0))
         else:
@@ -469,11 +467,11 @@ class _Batch:
             width = targets.shape[1]
             slots = torch.cat([targets, self.slots], dim=1)
             full_keep = torch.cat([keeps + width, sources[:, None, None, :].expand(*keeps.shape[:3], -1)], dim=3)
-            compact_(k_storage, v_storage, slots, full_keep, scratch_budget)
+            compact_(k_storage, v_storage, slots, full_keep, scratch_budget, self.shape.route.compaction)
         if hooks.HOOKS.trace_dir:
             keep = keeps.cpu()  # [Bq, L, H_kv, K]
             hooks.HOOKS.save_trace([{"rid": e.state.rid, "eviction": e.state.evictions, "length": e.length,
-                                     "evictable": self.shape.g, "keep": keep[j].clone()}
+                                     "evictable": self.shape.evictable, "keep": keep[j].clone()}
                                     for j, e in enumerate(self.members)])
         columns = self.starts[:, None] + torch.arange(b, device=self.rows.device)
         self.req_to_token[self.rows[:, None], columns] = new_row.to(self.req_to_token.dtype)
@@ -483,7 +481,8 @@ class _Batch:
         """Put member ``i``'s row back as it was before ``apply`` (its KV stays compacted: it is
         being aborted, and its slots must free as on a rank that never compacted it)."""
         e = self.members[i]
-        self.req_to_token[e.row, e.kept_prompt : e.kept_prompt + self.shape.g] = self.slots[i].to(self.req_to_token.dtype)
+        columns = slice(e.kept_prompt, e.kept_prompt + self.shape.evictable)
+        self.req_to_token[e.row, columns] = self.slots[i].to(self.req_to_token.dtype)
 
     def commit(self, index: list[int]) -> None:
         """Offsets and counters of members ``index`` after their row was rewritten."""
@@ -505,7 +504,7 @@ class _Batch:
         and each member's freed slots. T is the batch's largest count of shared tail columns; a
         request with fewer pads with a copy of its newest (own) tail slot onto itself.
         """
-        g, r = self.shape.g, self.shape.policy.window
+        g, r = self.shape.evictable, self.shape.policy.window
         copies = max(m._columns()[2] for m in self.members)
         width = k + copies
         targets, sources, rows, freed = [], [], [], []
@@ -527,12 +526,6 @@ class _Batch:
         return torch.stack(targets), torch.stack(sources), torch.stack(rows), freed
 
 
-def runs_triton(k_buf: torch.Tensor) -> bool:
-    """Whether eviction on this KV buffer runs Triton kernels (compaction moves its raw bytes, so any
-    KV dtype; scoring may still take the torch path, see ``kernels._dispatch.triton_loads``)."""
-    return use_triton(_storage(k_buf))
-
-
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch's only host-to-device copy (its per-request scalars): from pinned memory and
     non-blocking on CUDA, so that it does not wait for the forward in flight (a pageable copy
@@ -540,11 +533,6 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
-
-
-def _storage(buf: torch.Tensor) -> torch.Tensor:
-    """The buffer as same-size integers: compaction moves bytes, whatever the KV dtype (fp8 too)."""
-    return buf.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[buf.element_size()])
 
 
 def warm_up(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], device: DeviceState,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_vase.policies.base import Policy
+from sglang_vase.policies.base import Policy, Precomputed
 
 # The policy's noise stream for (eviction e, layer l) is e * _LAYER_STRIDE + l: distinct for every
 # layer of every eviction, while per-request-fixed noise (CurDKV's projection) ignores it.
@@ -24,7 +24,7 @@ def select_keep(
     evictions: torch.Tensor,
     layer: int | range,
     check: bool = False,
-    precomputed: dict | None = None,
+    precomputed: Precomputed | None = None,
     head_offset: int = 0,
     fused_noise: bool = False,
 ) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""When the Triton kernels run instead of the torch references."""
+"""When the Triton kernels run instead of the torch references: ``Route.of`` decides it once per KV
+pool for the engine; a kernel called without a route decides by its own tensors with the same rule."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -10,6 +12,23 @@ import torch
 # below, it knows only fp8e5 and fp8e4b15 ("type fp8e4nv not supported in this architecture").
 _FP8_E4M3 = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, name)}
 FP8_E4M3_MIN_CAPABILITY = (8, 9)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where eviction on one KV pool runs."""
+
+    scoring: bool  # the Triton scoring kernel, which loads the KV dtype (not fp8 e4m3 below 8.9)
+    compaction: bool  # the Triton compaction and noise kernels: they move raw bytes, any KV dtype
+
+    @classmethod
+    def of(cls, k_buf: torch.Tensor) -> "Route":
+        return cls(scoring=use_triton(k_buf), compaction=use_triton(as_bytes(k_buf)))
+
+
+def as_bytes(buf: torch.Tensor) -> torch.Tensor:
+    """The buffer as same-size integers: compaction moves bytes, whatever the KV dtype (fp8 too)."""
+    return buf.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[buf.element_size()])
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

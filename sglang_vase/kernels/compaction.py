@@ -111,16 +111,18 @@ def compact_(
     slots: torch.Tensor,
     keep: torch.Tensor,
     scratch_budget: int | None = None,
+    triton_path: bool | None = None,
 ) -> None:
     """In place, every layer: move each (request, layer, KV head)'s kept candidates to its first K slots.
 
     k_layers, v_layers: L buffers ``[S, H_kv, D]`` of one shape, dtype and strides (any dtype: bytes
     are moved); slots: int32/int64 ``[Bq, N]``; keep: int64 ``[Bq, L, H_kv, K]`` indices into
     ``0..N-1``. Slots other than ``slots[:, :K]`` are not written. ``scratch_budget`` bounds the
-    kernel's scratch in bytes (fewer programs; never fewer than one).
+    kernel's scratch in bytes (fewer programs; never fewer than one). ``triton_path``: the route
+    (``_dispatch.Route.compaction``); None decides by these tensors.
     """
     _check(k_layers, v_layers, slots, keep)
-    if not use_triton(k_layers[0], v_layers[0], slots, keep):
+    if not (use_triton(k_layers[0], v_layers[0], slots, keep) if triton_path is None else triton_path):
         compact_reference_(k_layers, v_layers, slots, keep)
         return
     bq, layers, h_kv, k = keep.shape

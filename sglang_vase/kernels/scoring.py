@@ -237,6 +237,7 @@ def score_candidates(
     n_sink: int = 4,
     smoothing: int = ref.SMOOTHING_KERNEL,
     num_splits: int | None = None,
+    triton_path: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention score and value range of each request's candidates, for every layer at once.
 
@@ -247,9 +248,10 @@ def score_candidates(
     ``w < W`` (int64 ``[Bq]`` and ``[Bq, W]``, W <= P).
     Returns fp32 ``(attn, vrange)``, each ``[Bq, L, H_kv, N]``, equal to ``score_candidates_reference``.
     ``num_splits`` overrides how many parts pass 1 cuts N into (tests force the merge path with it).
+    ``triton_path``: the route (``_dispatch.Route.scoring``); None decides by these tensors.
     """
     _check(k_layers, v_layers, slots, queries, query_rows, query_positions, smoothing)
-    if not use_triton(k_layers[0], v_layers[0], slots, queries):
+    if not (use_triton(k_layers[0], v_layers[0], slots, queries) if triton_path is None else triton_path):
         return score_candidates_reference(k_layers, v_layers, slots, queries, query_rows, query_positions,
                                           temperature=temperature, n_sink=n_sink, smoothing=smoothing)
 

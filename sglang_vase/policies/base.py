@@ -26,7 +26,7 @@ Every concrete policy (a subclass that defines ``name``) registers itself in ``R
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -39,6 +39,26 @@ _ZERO_SCORE_KEY = -1.0e4
 
 # Policy name -> class, filled by ``Policy.__init_subclass__``.
 REGISTRY: dict[str, type["Policy"]] = {}
+
+
+@dataclass(frozen=True)
+class KernelScoring:
+    """What the engine's scoring kernel computes for a policy (``Policy.kernel_scoring``): window
+    attention at ``temperature`` smoothed over ``smoothing`` positions (``scoring.attention_scores``)
+    and value ranges with the first ``n_sink`` forced to the top (``scoring.value_range``)."""
+
+    temperature: float
+    smoothing: int
+    n_sink: int
+
+
+@dataclass(frozen=True)
+class Precomputed:
+    """Scores the engine computed with its kernel, ``[..., H_kv, N]`` each, for ``spec``."""
+
+    spec: KernelScoring
+    attention: torch.Tensor
+    value_range: torch.Tensor
 
 
 @dataclass
@@ -57,22 +77,26 @@ class EvictionInputs:
     # Global index of the first KV head in ``keys``: a tensor-parallel rank (or a head chunk of the
     # engine) holds heads [head_offset, head_offset + H_kv) and must draw their noise, not head 0's.
     head_offset: int = 0
-    # Scores computed elsewhere from the same inputs (the engine's Triton scoring kernel), keyed
-    # as the two methods below key them; anything absent is computed by the torch reference.
-    precomputed: dict = field(default_factory=dict)
+    # Scores computed elsewhere from the same inputs (the engine's Triton scoring kernel); what
+    # they do not cover is computed by the torch reference.
+    precomputed: Precomputed | None = None
     # Draw the noise's uniforms with the Triton kernel (the same numbers in one launch) instead of
     # the torch reference's fifty tensor ops: the engine does where its kernels run.
     fused_noise: bool = False
 
-    def attention_scores(self, temperature: float, kernel: int) -> torch.Tensor:
+    def attention_scores(self, temperature: float, smoothing: int) -> torch.Tensor:
         """``scoring.attention_scores`` of these candidates and queries."""
-        cached = self.precomputed.get(("attention", temperature, kernel))
-        return cached if cached is not None else scoring.attention_scores(self.keys, self.queries, temperature, kernel)
+        p = self.precomputed
+        if p is not None and (p.spec.temperature, p.spec.smoothing) == (temperature, smoothing):
+            return p.attention
+        return scoring.attention_scores(self.keys, self.queries, temperature, smoothing)
 
     def value_range(self, n_sink: int) -> torch.Tensor:
         """``scoring.value_range`` of these candidates."""
-        cached = self.precomputed.get(("value_range", n_sink))
-        return cached if cached is not None else scoring.value_range(self.values, n_sink)
+        p = self.precomputed
+        if p is not None and p.spec.n_sink == n_sink:
+            return p.value_range
+        return scoring.value_range(self.values, n_sink)
 
     def noise(
         self, kind: str, stream: int, shape: tuple[int, ...], per_eviction: bool = True, per_head: bool = False
@@ -161,10 +185,10 @@ class Policy:
         """Score whose top ``n_pinned`` are kept unconditionally (only if ``n_pinned > 0``)."""
         raise NotImplementedError
 
-    def kernel_scoring(self) -> dict | None:
-        """Arguments of the Triton scoring kernel (temperature, smoothing, n_sink) when this policy's
-        scores come from ``x.attention_scores`` / ``x.value_range`` with exactly those, so the
-        engine can compute them with the kernel straight from the KV pool; None otherwise."""
+    def kernel_scoring(self) -> KernelScoring | None:
+        """What the scoring kernel must compute when this policy's scores come from
+        ``x.attention_scores`` / ``x.value_range`` with exactly those arguments, so the engine can
+        compute them with the kernel straight from the KV pool; None otherwise."""
         return None
 
     # --- shared selection --------------------------------------------------------------------
@@ -196,7 +220,7 @@ class Policy:
         seed: torch.Tensor,
         step: torch.Tensor,
         check: bool = True,
-        precomputed: dict | None = None,
+        precomputed: Precomputed | None = None,
         head_offset: int = 0,
         fused_noise: bool = False,
     ) -> torch.Tensor:
@@ -217,7 +241,7 @@ class Policy:
             torch.as_tensor(seed, dtype=torch.int64, device=keys.device).expand(batch),
             torch.as_tensor(step, dtype=torch.int64, device=keys.device).expand(batch),
             head_offset,
-            precomputed or {},
+            precomputed,
             fused_noise,
         )
         return self.select_from_scores(x, self.scores(x), self.pin_scores(x) if self.n_pinned else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_vase.policies.base import EvictionInputs, Policy
+from sglang_vase.policies.base import EvictionInputs, KernelScoring, Policy
 
 
 class H2O(Policy):
@@ -22,5 +22,5 @@ class H2O(Policy):
     def scores(self, x: EvictionInputs) -> torch.Tensor:
         return x.queries.shape[-2] * x.attention_scores(1.0, 1)
 
-    def kernel_scoring(self) -> dict | None:
-        return {"temperature": 1.0, "smoothing": 1, "n_sink": self.n_sink}
+    def kernel_scoring(self) -> KernelScoring | None:
+        return KernelScoring(temperature=1.0, smoothing=1, n_sink=self.n_sink)

@@ -32,13 +32,14 @@ def value_range(values: torch.Tensor, n_sink: int) -> torch.Tensor:
     return vmag
 
 
-def smooth(scores: torch.Tensor, kernel: int = SMOOTHING_KERNEL) -> torch.Tensor:
-    """avg_pool1d along slot order, stride 1, padding kernel//2, zero padding counted (torch default)."""
-    if kernel <= 1:
+def smooth(scores: torch.Tensor, smoothing: int = SMOOTHING_KERNEL) -> torch.Tensor:
+    """avg_pool1d of width ``smoothing`` along slot order, stride 1, padding smoothing // 2, zero
+    padding counted (torch default)."""
+    if smoothing <= 1:
         return scores
     lead = scores.shape[:-1]
     flat = scores.reshape(-1, 1, scores.shape[-1])
-    out = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
+    out = F.avg_pool1d(flat, kernel_size=smoothing, stride=1, padding=smoothing // 2)
     return out.reshape(*lead, scores.shape[-1])
 
 
@@ -62,7 +63,7 @@ def attention_scores(
     keys: torch.Tensor,
     queries: torch.Tensor,
     temperature: float = 1.0,
-    kernel: int = SMOOTHING_KERNEL,
+    smoothing: int = SMOOTHING_KERNEL,
 ) -> torch.Tensor:
     """SnapKV-style score of VASE_SPEC (b): ``[..., H_kv, N]`` fp32.
 
@@ -70,4 +71,4 @@ def attention_scores(
     window queries, average-pool smoothing; then mean over the GQA group.
     """
     probs = window_attention(keys, queries, temperature).mean(dim=-2)  # [..., H_q, N]
-    return group_mean(smooth(probs, kernel), keys.shape[-3])
+    return group_mean(smooth(probs, smoothing), keys.shape[-3])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sglang_vase.policies.base import EvictionInputs, Policy, check_float, check_int
+from sglang_vase.policies.base import EvictionInputs, KernelScoring, Policy, check_float, check_int
 from sglang_vase.policies.scoring import SMOOTHING_KERNEL
 
 
@@ -33,8 +33,8 @@ class SnapKV(Policy):
     def scores(self, x: EvictionInputs):
         return x.attention_scores(self.temperature, self.smoothing_kernel)
 
-    def kernel_scoring(self) -> dict | None:
-        return {"temperature": self.temperature, "smoothing": self.smoothing_kernel, "n_sink": self.n_sink}
+    def kernel_scoring(self) -> KernelScoring | None:
+        return KernelScoring(temperature=self.temperature, smoothing=self.smoothing_kernel, n_sink=self.n_sink)
 
 
 class SnapKVSample(SnapKV):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from sglang_vase.policies.base import EvictionInputs, check_float, check_int
+from sglang_vase.policies.base import EvictionInputs, KernelScoring, check_float, check_int
 from sglang_vase.policies.snapkv import SnapKV
 
 
@@ -144,5 +145,5 @@ class EvictLargeV(VaSE):
         large = torch.topk(x.value_range(n_sink=0), self.n_large, dim=-1).indices
         return super().scores(x).scatter(-1, large, -math.inf)
 
-    def kernel_scoring(self) -> dict | None:
-        return {**super().kernel_scoring(), "n_sink": 0}  # the plain range: sinks are not forced
+    def kernel_scoring(self) -> KernelScoring | None:
+        return dataclasses.replace(super().kernel_scoring(), n_sink=0)  # the plain range: sinks are not forced
