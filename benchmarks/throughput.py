@@ -79,6 +79,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import DATA_DIR, MATH_SUFFIX, RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, machine_info, problems
@@ -510,17 +511,28 @@ def limit_check(levels: dict, limit: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    import torch
-    from transformers import AutoTokenizer
+@dataclass
+class Plan:
+    """What a run measures, sized from its arguments and the dataset's prompts."""
+    model_path: str
+    data_file: Path
+    longest: int
+    pool: int
+    fits: int
+    limit: int
+    levels: dict[str, list[int]]
+    prompts: dict[str, list[list[int]]]
+    system_prompt_tokens: int
+    overhead_concurrency: int
+    no_evict_budget: int
+    max_running: int
+    common: list[str]
+    vase_flags: list[str]
 
-    cuda = torch.cuda.is_available()
-    t_start = time.time()
-    from sglang_vase.models import resolve_model
 
-    model_path = resolve_model(args.model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+def plan_run(args: argparse.Namespace, model_path: str, tokenizer) -> Plan:
+    """Size the KV pool and the physical limit, resolve the levels, load their prompts and build the
+    server flags every system shares."""
     data_file = args.data_dir / f"{args.dataset}.jsonl"
     # The pool and the limit come from the distinct workload's prompts (at most its largest count).
     probe = load_prompts(data_file, tokenizer, 64, args.max_prompt_len)
@@ -548,68 +560,87 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--model-path", model_path, "--max-total-tokens", str(pool), "--max-running-requests", str(max_running),
               *MEASURE_FLAGS, *shlex.split(args.server_args)]
     vase_flags = ["--vase-budget", str(args.budget), "--vase-window", str(args.window), "--vase-policy", args.policy]
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vase-throughput-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    return Plan(model_path=model_path, data_file=data_file, longest=longest, pool=pool, fits=fits, limit=limit,
+                levels=levels, prompts=prompts, system_prompt_tokens=len(chat_ids(tokenizer, "", system)),
+                overhead_concurrency=oc, no_evict_budget=no_evict_budget, max_running=max_running,
+                common=common, vase_flags=vase_flags)
 
-    result = {
+
+def result_header(args: argparse.Namespace, argv: list[str] | None, plan: Plan) -> dict:
+    """The results file before any measurement: the machine and every setting the numbers depend on."""
+    return {
         "benchmark": "throughput",
         "machine": machine_info(str(Path(__file__)), argv),
         "settings": {
-            "model_path": model_path, "dataset": str(data_file), "output_len": args.output_len,
-            "budget": args.budget, "window": args.window, "policy": args.policy, "pool_tokens": pool,
-            "full_requests_pool_fits": fits, "longest_prompt_tokens": longest,
-            "physical_limit": limit, "physical_limit_formula": "pool // (max(longest prompt, B) + R)",
-            "distinct_prompt_tokens": [len(p) for p in prompts["distinct"]],
-            "shared_prompt_tokens": [len(p) for p in prompts["shared"]], "samples": args.samples,
-            "system_prompt_tokens": len(chat_ids(tokenizer, "", system)),
-            "levels": levels, "max_running_requests": max_running, "temperature": args.temperature,
+            "model_path": plan.model_path, "dataset": str(plan.data_file), "output_len": args.output_len,
+            "budget": args.budget, "window": args.window, "policy": args.policy, "pool_tokens": plan.pool,
+            "full_requests_pool_fits": plan.fits, "longest_prompt_tokens": plan.longest,
+            "physical_limit": plan.limit, "physical_limit_formula": "pool // (max(longest prompt, B) + R)",
+            "distinct_prompt_tokens": [len(p) for p in plan.prompts["distinct"]],
+            "shared_prompt_tokens": [len(p) for p in plan.prompts["shared"]], "samples": args.samples,
+            "system_prompt_tokens": plan.system_prompt_tokens,
+            "levels": plan.levels, "max_running_requests": plan.max_running, "temperature": args.temperature,
             "top_p": args.top_p, "ignore_eos": not args.no_ignore_eos, "quick": args.quick,
-            "common_server_flags": common[2:], "vase_flags": vase_flags,
+            "common_server_flags": plan.common[2:], "vase_flags": plan.vase_flags,
             "system_flags": {s: SYSTEMS[s][1] for s in args.systems},
         },
         "servers": {},
         "workloads": {w: {"systems": {}} for w in args.workloads},
     }
-    for system_name in args.systems:
-        is_vase, extra = SYSTEMS[system_name]
-        flags = common + extra + (vase_flags if is_vase else [])
-        # Plain SGLang gets the CPU route from serving.Server when no GPU is visible.
-        server = Server(flags, vase=is_vase, env={"SGLANG_LOG_MS": "1"}, log_path=log_dir / f"{system_name}.log",
-                        cuda=cuda, wait=False)
-        try:
-            startup = server.wait_ready(args.start_timeout)
-            m = POOL_RE.search(server.log())
-            result["servers"][system_name] = {
-                "command": " ".join(shlex.quote(c) for c in server.cmd), "startup_s": round(startup, 1),
-                "log": str(server.log_path), "pool_tokens_reported": int(m.group(1)) if m else None}
-            warm = Progress("warm-up", 1, server, False)
-            run_batch(server.url, prompts["distinct"][:1], {**sampling(args), "max_new_tokens": 4}, warm)
-            for workload in args.workloads:
-                entry = result["workloads"][workload]["systems"].setdefault(system_name, {"levels": {}})
-                for n in levels[workload]:
-                    if workload == "shared":
-                        batch, samp = prompts["shared"][: n // args.samples], sampling(args, n=args.samples)
-                    else:
-                        batch, samp = prompts["distinct"][:n], sampling(args)
-                    label = f"{system_name} {workload} {n}"
-                    res = entry["levels"][str(n)] = run_level(server, label, batch, samp, not args.no_progress)
-                    print(f"[throughput] {label}: {res['output_tok_s']} tok/s, running max "
-                          f"{res['max_running_requests']} mean {res['mean_running_requests']}, retractions "
-                          f"{res['retractions_meta_info']}, peak KV {res['peak_kv_tokens']}, prefix hits "
-                          f"{res['prefix_hit_rate']}", flush=True)
-            if system_name == "sglang-vase" and oc > 0:
-                try:
-                    oh = result["servers"][system_name]["overhead"] = run_overhead(
-                        server, args, prompts["distinct"][:oc], no_evict_budget)
-                    print(f"[throughput] eviction vs none at {oc} requests: step time x{oh['step_time_ratio_mean']} "
-                          f"(mean) x{oh['step_time_ratio_p50']} (p50), tok/s x{oh['tok_s_ratio_evict_vs_none']}",
-                          flush=True)
-                except Exception as e:  # noqa: BLE001 -- keep the levels' results; the error is reported
-                    result["servers"][system_name]["overhead"] = {"error": f"{type(e).__name__}: {e}"}
-                    print(f"[throughput] overhead run failed: {e}", flush=True)
-        finally:
-            server.stop()
 
+
+def run_system(args: argparse.Namespace, plan: Plan, system_name: str, result: dict, log_dir: Path,
+               cuda: bool) -> None:
+    """One system's server: every workload's levels, then (sglang-vase) the eviction overhead; the
+    results go into ``result``."""
+    is_vase, extra = SYSTEMS[system_name]
+    flags = plan.common + extra + (plan.vase_flags if is_vase else [])
+    # Plain SGLang gets the CPU route from serving.Server when no GPU is visible.
+    server = Server(flags, vase=is_vase, env={"SGLANG_LOG_MS": "1"}, log_path=log_dir / f"{system_name}.log",
+                    cuda=cuda, wait=False)
+    try:
+        startup = server.wait_ready(args.start_timeout)
+        m = POOL_RE.search(server.log())
+        result["servers"][system_name] = {
+            "command": " ".join(shlex.quote(c) for c in server.cmd), "startup_s": round(startup, 1),
+            "log": str(server.log_path), "pool_tokens_reported": int(m.group(1)) if m else None}
+        warm = Progress("warm-up", 1, server, False)
+        run_batch(server.url, plan.prompts["distinct"][:1], {**sampling(args), "max_new_tokens": 4}, warm)
+        run_levels(args, plan, server, system_name, result)
+        oc = plan.overhead_concurrency
+        if system_name == "sglang-vase" and oc > 0:
+            try:
+                oh = result["servers"][system_name]["overhead"] = run_overhead(
+                    server, args, plan.prompts["distinct"][:oc], plan.no_evict_budget)
+                print(f"[throughput] eviction vs none at {oc} requests: step time x{oh['step_time_ratio_mean']} "
+                      f"(mean) x{oh['step_time_ratio_p50']} (p50), tok/s x{oh['tok_s_ratio_evict_vs_none']}",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 -- keep the levels' results; the error is reported
+                result["servers"][system_name]["overhead"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[throughput] overhead run failed: {e}", flush=True)
+    finally:
+        server.stop()
+
+
+def run_levels(args: argparse.Namespace, plan: Plan, server: Server, system_name: str, result: dict) -> None:
+    """Every workload's concurrency levels on one system's server."""
+    for workload in args.workloads:
+        entry = result["workloads"][workload]["systems"].setdefault(system_name, {"levels": {}})
+        for n in plan.levels[workload]:
+            if workload == "shared":
+                batch, samp = plan.prompts["shared"][: n // args.samples], sampling(args, n=args.samples)
+            else:
+                batch, samp = plan.prompts["distinct"][:n], sampling(args)
+            label = f"{system_name} {workload} {n}"
+            res = entry["levels"][str(n)] = run_level(server, label, batch, samp, not args.no_progress)
+            print(f"[throughput] {label}: {res['output_tok_s']} tok/s, running max "
+                  f"{res['max_running_requests']} mean {res['mean_running_requests']}, retractions "
+                  f"{res['retractions_meta_info']}, peak KV {res['peak_kv_tokens']}, prefix hits "
+                  f"{res['prefix_hit_rate']}", flush=True)
+
+
+def finish(args: argparse.Namespace, result: dict, limit: int, t_start: float) -> dict:
+    """The ratios to the baselines and the check at the physical limit, then the plots and the file."""
     for workload, data in result["workloads"].items():
         data["ratio_vase_vs"] = ratios(data["systems"])
         print(f"[throughput] {workload}: sglang-vase / baseline output tok/s: {data['ratio_vase_vs']}", flush=True)
@@ -625,6 +656,25 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"[throughput] wrote {args.out} ({result['runtime_s']} s)", flush=True)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    t_start = time.time()
+    from sglang_vase.models import resolve_model
+
+    model_path = resolve_model(args.model_path)
+    plan = plan_run(args, model_path, AutoTokenizer.from_pretrained(model_path))
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vase-throughput-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = result_header(args, argv, plan)
+    for system_name in args.systems:
+        run_system(args, plan, system_name, result, log_dir, cuda)
+    return finish(args, result, plan.limit, t_start)
 
 
 # ---------------------------------------------------------------------------------------- plots

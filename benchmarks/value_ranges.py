@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-import fidelity
+import fidelity_configs
+import fidelity_replay
+import fidelity_report
 from common import DATA_DIR, RESULTS_DIR, machine_info
 from sglang_vase.models import resolve_model
 from sglang_vase.serving import Server
@@ -43,7 +45,7 @@ _SYMBOLS = set(string.punctuation) | set(" \t") | set("×÷−±≤≥≠√π�
 
 
 def token_class(text: str, position: int) -> str:
-    if position < fidelity.N_SINK:
+    if position < fidelity_replay.N_SINK:
         return "sink"
     if "\n" in text:
         return "newline"
@@ -97,7 +99,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     folder = resolve_model(args.model_path, verbose=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompts = fidelity.load_prompts(tokenizer, Path(args.data_dir), "math", args.prompts, args.max_prompt_tokens)
+    prompts = fidelity_configs.load_prompts(tokenizer, Path(args.data_dir), "math", args.prompts,
+                                            args.max_prompt_tokens)
     server = Server(["--model-path", folder, "--max-running-requests", str(len(prompts))], vase=False)
     try:
         from concurrent.futures import ThreadPoolExecutor
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
     for prompt, answer in zip(prompts, answers):
         ids = prompt["input_ids"] + answer["output_ids"]
         values = values_per_layer(model, ids)
-        per_prompt.append([fidelity.value_range_stats(v) for v in values])
+        per_prompt.append([fidelity_replay.value_range_stats(v) for v in values])
         classes = [token_class(tokenizer.decode([t]), i) for i, t in enumerate(ids)]
         counts = top_token_classes(values, classes)
         all_classes.update(counts["all"])
@@ -124,7 +127,7 @@ def main(argv=None) -> dict:
     attribution = {c: {"share_of_tokens": all_classes[c] / tokens, "share_of_top": top_classes[c] / top_total,
                        "lift": (top_classes[c] / top_total) / (all_classes[c] / tokens) if all_classes[c] else None}
                    for c in CLASSES}
-    layers = fidelity.aggregate_vrange(per_prompt)
+    layers = fidelity_report.aggregate_vrange(per_prompt)
     config = model.config
     result = {
         "benchmark": "value_ranges", "model": args.model_path, "folder": folder,
@@ -132,7 +135,7 @@ def main(argv=None) -> dict:
                          "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads},
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "tokens": tokens, "output_tokens": [len(a["output_ids"]) for a in answers],
-        "n_sink": fidelity.N_SINK, "top_share": TOP_SHARE, "token_classes": attribution, "layers": layers,
+        "n_sink": fidelity_replay.N_SINK, "top_share": TOP_SHARE, "token_classes": attribution, "layers": layers,
         "summary": {key: {"mean_over_layers": sum(l[key]["mean"] for l in layers) / len(layers),
                           "max": max(l[key]["max"] for l in layers)}
                     for key in ("max_over_median", "p99_over_median", "share_above_4x")},
@@ -144,7 +147,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
-    print(fidelity.value_range_table(layers))
+    print(fidelity_report.value_range_table(layers))
     print("\n| class | share of tokens | share of the top 1% ranges | lift |\n|---|---|---|---|")
     for c, a in attribution.items():
         print(f"| {c} | {a['share_of_tokens']:.3f} | {a['share_of_top']:.3f} | "

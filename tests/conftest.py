@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-# The benchmarks are scripts, not a package: tests import them by name (``import fidelity``), and
-# the fidelity benchmark's spawned replay workers import their module by that same name.
+# The benchmarks are scripts, not a package: tests import them by name (``import fidelity``), as
+# the benchmarks import each other (fidelity.py its fidelity_* modules).
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)

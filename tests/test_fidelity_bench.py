@@ -1,5 +1,6 @@
-"""benchmarks/fidelity.py: the repetition detectors, the trigger bookkeeping, the metrics, and one
-``--quick`` run end to end (the batched teacher-forced replay + a real sglang-vase server)."""
+"""benchmarks/fidelity.py and its fidelity_* modules: the repetition detectors, the trigger
+bookkeeping, the metrics, and one ``--quick`` run end to end (the batched teacher-forced replay + a
+real sglang-vase server)."""
 
 from __future__ import annotations
 
@@ -11,41 +12,45 @@ import pytest
 import torch
 
 import fidelity
+import fidelity_configs
+import fidelity_engine
+import fidelity_replay
+import fidelity_report
 
 DATA_OK = (fidelity.DEFAULT_DATA_DIR / "math.jsonl").exists()
 
 
 def test_ngram_loop_rule():
     text = list(range(300))  # no repeats
-    assert not fidelity.has_ngram_loop(text)
+    assert not fidelity_engine.has_ngram_loop(text)
     looped = list(range(100)) + [7, 8, 9] * 30
-    assert fidelity.has_ngram_loop(looped)
+    assert fidelity_engine.has_ngram_loop(looped)
     # a 20-token block seen exactly twice is not a loop; three times is
     block = list(range(1000, 1020))
-    assert not fidelity.has_ngram_loop(list(range(50)) + block + list(range(60, 90)) + block)
-    assert fidelity.has_ngram_loop(block + [1] + block + [2] + block)
+    assert not fidelity_engine.has_ngram_loop(list(range(50)) + block + list(range(60, 90)) + block)
+    assert fidelity_engine.has_ngram_loop(block + [1] + block + [2] + block)
 
 
 def test_tail_loop_and_distinct():
-    assert fidelity.has_tail_loop(list(range(300)) + [5, 6, 7, 8] * 30)
-    assert not fidelity.has_tail_loop(list(range(400)))
-    assert fidelity.distinct_ngram_ratio(list(range(10))) == 1.0
-    assert fidelity.distinct_ngram_ratio([1] * 10) == pytest.approx(1 / 7)
-    assert fidelity.distinct_ngram_ratio([1, 2]) is None
+    assert fidelity_engine.has_tail_loop(list(range(300)) + [5, 6, 7, 8] * 30)
+    assert not fidelity_engine.has_tail_loop(list(range(400)))
+    assert fidelity_engine.distinct_ngram_ratio(list(range(10))) == 1.0
+    assert fidelity_engine.distinct_ngram_ratio([1] * 10) == pytest.approx(1 / 7)
+    assert fidelity_engine.distinct_ngram_ratio([1, 2]) is None
 
 
 def test_budget_and_first_eviction():
-    assert fidelity.budget_for(384, 4, 16) == 96
-    assert fidelity.budget_for(64, 4, 8) == 16
-    assert fidelity.budget_for(64, 100, 8) == 16  # at least 2R
+    assert fidelity_configs.budget_for(384, 4, 16) == 96
+    assert fidelity_configs.budget_for(64, 4, 8) == 16
+    assert fidelity_configs.budget_for(64, 100, 8) == 16  # at least 2R
     # prompt 20, B 32, R 8: n reaches 40 (> 32, % 8 == 0) at the step of row 20 -> rows 21.. are evicted
-    first, events = fidelity.first_affected_row(20, 100, 32, 8)
+    first, events = fidelity_configs.first_affected_row(20, 100, 32, 8)
     assert first == 21
     assert events == len([i for i in range(1, 100) if i >= 20 and (i - 20) % 8 == 0])
-    assert fidelity.first_affected_row(10, 5, 32, 8) == (5, 0)  # never evicts
+    assert fidelity_configs.first_affected_row(10, 5, 32, 8) == (5, 0)  # never evicts
     # an eviction after the last row (prompt 31, row 9 reaches n = 40) affects nothing: not counted
-    assert fidelity.first_affected_row(31, 10, 32, 8) == (10, 0)
-    assert fidelity.first_affected_row(31, 11, 32, 8) == (10, 1)
+    assert fidelity_configs.first_affected_row(31, 10, 32, 8) == (10, 0)
+    assert fidelity_configs.first_affected_row(31, 11, 32, 8) == (10, 1)
 
 
 def test_token_metrics_against_the_definitions():
@@ -61,31 +66,33 @@ def test_token_metrics_against_the_definitions():
     kl_want = (lp[0].exp() * (lp[0] - lp)).sum(-1)
     nll_want = lp[0].gather(-1, targets[:, None])[:, 0] - lp.gather(-1, targets[None, :, None].expand(4, -1, 1))[..., 0]
     top1_want = (lp.argmax(-1) == lp[0].argmax(-1)).double()
-    kl, top1, nll = fidelity.token_metrics(logits.clone(), targets)
+    kl, top1, nll = fidelity_replay.token_metrics(logits.clone(), targets)
     torch.testing.assert_close(kl, kl_want.clamp_min(0), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(nll, nll_want, atol=1e-5, rtol=1e-4)
     assert torch.equal(top1, top1_want)
     assert kl[1].max() == 0 and kl[2, :5].max() == 0 and nll[1].abs().max() == 0
     assert 0 < kl[3].max() < 1e-3 < kl[2, 5:].min()
 
-    m = fidelity.summarize(kl[2], top1[2], nll[2], first=5)
+    m = fidelity_replay.summarize(kl[2], top1[2], nll[2], first=5)
     assert m["kl_before_max"] == 0 and m["kl_after"] > 0 and m["rows_after"] == 7
     assert m["kl_all"] == pytest.approx(m["kl_after"] * 7 / 12)
     assert 0 <= m["top1_after"] <= 1
 
 
 def test_policy_specs_and_configs():
-    assert fidelity.parse_policy_spec("vase") == ("vase", {})
-    assert fidelity.parse_policy_spec("vase-adaptive:tau=2.5:n_large=8") == ("vase-adaptive", {"tau": 2.5, "n_large": 8})
+    assert fidelity_configs.parse_policy_spec("vase") == ("vase", {})
+    assert (fidelity_configs.parse_policy_spec("vase-adaptive:tau=2.5:n_large=8")
+            == ("vase-adaptive", {"tau": 2.5, "n_large": 8}))
     with pytest.raises(ValueError, match="k=v"):
-        fidelity.parse_policy_spec("vase:tau")
-    policy = fidelity.build_policy("vase-adaptive:tau=3", 64, 16, "sorted")
+        fidelity_configs.parse_policy_spec("vase:tau")
+    policy = fidelity_configs.build_policy("vase-adaptive:tau=3", 64, 16, "sorted")
     assert policy.tau == 3.0 and policy.sort_kept and policy.budget == 64
-    configs = fidelity.make_configs(["snapkv", "vase:n_large=8"], ["released", "sorted"], {2: 64, 4: 32}, 3)
-    assert configs[0]["policy"] == fidelity.FULL
+    configs = fidelity_configs.make_configs(["snapkv", "vase:n_large=8"], ["released", "sorted"], {2: 64, 4: 32}, 3)
+    assert configs[0]["policy"] == fidelity_configs.FULL
     assert len(configs) == 1 + 2 * 2 * 1 + 2 * 2 * 3  # deterministic: seed 0 only
-    engine = fidelity.engine_configs(configs)
-    assert {c["policy"] for c in engine} == {fidelity.FULL, "snapkv"} and {c["order"] for c in engine[1:]} == {"released"}
+    engine = fidelity_configs.engine_configs(configs)
+    assert {c["policy"] for c in engine} == {fidelity_configs.FULL, "snapkv"}
+    assert {c["order"] for c in engine[1:]} == {"released"}
 
 
 def test_value_range_stats():
@@ -93,7 +100,7 @@ def test_value_range_stats():
     values[:, :, 0] = 1.0  # range 1 ...
     values[0, 50, 0] = 10.0  # ... but one token 10 on head 0
     values[:, :4, 0] = 1e3  # sinks are left out
-    stats = fidelity.value_range_stats(values)
+    stats = fidelity_replay.value_range_stats(values)
     assert stats["max_over_median"] == [10.0, 1.0]
     assert stats["share_above_4x"] == [0.01, 0.0]
     assert stats["p99_over_median"][1] == 1.0
@@ -108,7 +115,7 @@ def _row(policy, kl, kl_std, top1=0.9, nll=0.1, order="sorted", compression=4, s
 def test_adaptive_verdict_against_the_better_rival():
     rows = [_row("snapkv-sample", 0.10, 0.01), _row("vase", 0.12, 0.01),
             _row("vase-adaptive", 0.115, 0.01, top1=0.8, nll=0.1)]
-    verdict = {v["metric"]: v for v in fidelity.adaptive_verdict(rows)}
+    verdict = {v["metric"]: v for v in fidelity_report.adaptive_verdict(rows)}
     kl = verdict["kl_after"]
     assert kl["best_rival"] == "snapkv-sample" and kl["worse_by"] == pytest.approx(0.015)
     assert kl["two_se"] == pytest.approx(2 * math.sqrt(2 * 0.01 ** 2 / 3))  # 0.0163: within noise
@@ -116,11 +123,11 @@ def test_adaptive_verdict_against_the_better_rival():
     assert verdict["top1_after"]["worse_by"] == pytest.approx(0.1) and verdict["top1_after"]["worse_beyond_noise"]
     assert not verdict["nll_increase_after"]["worse_beyond_noise"]  # a tie
     rows[2]["kl_after"] = 0.125  # 0.025 > 0.0163
-    assert {v["metric"]: v for v in fidelity.adaptive_verdict(rows)}["kl_after"]["worse_beyond_noise"]
+    assert {v["metric"]: v for v in fidelity_report.adaptive_verdict(rows)}["kl_after"]["worse_beyond_noise"]
     rows[2]["kl_after"] = 0.05  # better than both: negative
-    assert {v["metric"]: v for v in fidelity.adaptive_verdict(rows)}["kl_after"]["worse_by"] < 0
-    assert fidelity.adaptive_verdict(rows[:2]) == []  # no adaptive rows: nothing to judge
-    table = fidelity.verdict_table(fidelity.adaptive_verdict(rows))
+    assert {v["metric"]: v for v in fidelity_report.adaptive_verdict(rows)}["kl_after"]["worse_by"] < 0
+    assert fidelity_report.adaptive_verdict(rows[:2]) == []  # no adaptive rows: nothing to judge
+    table = fidelity_report.verdict_table(fidelity_report.adaptive_verdict(rows))
     assert table.count("\n| sorted | 256 |") == 3 and "**yes**" in table
 
 
@@ -139,12 +146,12 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
         m.setattr(fidelity, "render", interrupted)  # stopped after the replay, before the results file
         with pytest.raises(KeyboardInterrupt):
             fidelity.main(argv)
-    partial = fidelity.partial_path(out)
+    partial = fidelity_replay.partial_path(out)
     first = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
     assert [r["index"] for r in first] == [0]
 
     with monkeypatch.context() as m:
-        m.setattr(fidelity, "replay_prompt", interrupted)  # must not be needed
+        m.setattr(fidelity_replay, "replay_prompt", interrupted)  # must not be needed
         data = fidelity.main(argv)
     assert sorted(map(json.dumps, data["replay_runs"])) == sorted(map(json.dumps, first[0]["runs"]))
     assert data["prompts"][0]["continuation_text"] == first[0]["prompt"]["continuation_text"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fidelity
+import fidelity_configs
+import fidelity_replay
 from sglang_vase.policies import get_policy
 from sglang_vase.policies.base import EvictionInputs
 from sglang_vase.reference import EvictingDecoder, Row, load_model
@@ -65,13 +66,13 @@ def replay(model, prompt, continuation, budget, window, watched):
     lost = dict.fromkeys(POLICIES, 0)
     for i in range(1, t, window):
         end = min(t, i + window)
-        kl[:, i:end] = fidelity.token_metrics(dec.extend(continuation[i - 1 : end - 1]),
-                                              torch.tensor(continuation[i:end]))[0]
+        kl[:, i:end] = fidelity_replay.token_metrics(dec.extend(continuation[i - 1 : end - 1]),
+                                                     torch.tensor(continuation[i:end]))[0]
         seen = {p for p in watched if 4 <= p < dec.position}
         for j, (name, _) in enumerate(specs, start=1):
             held = dec.slot_positions(0, row=j)
             lost[name] += sum(len(seen - set(held[h].tolist())) for h in range(held.shape[0]))
-    first, _ = fidelity.first_affected_row(len(prompt), t, budget, window)
+    first, _ = fidelity_configs.first_affected_row(len(prompt), t, budget, window)
     means = {}
     for j, (name, _) in enumerate(specs, start=1):
         means.setdefault(name, []).append(float(kl[j, first:].mean()))
