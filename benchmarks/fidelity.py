@@ -54,7 +54,7 @@ recorded too.
 Defaults (the fidelity issue's setting): 8 prompts (the first math.jsonl problems whose chat prompt
 fits --max-prompt-tokens), cont_len 1024, window 32, compressions 2,4,8 (B = 512, 256, 128), 3
 seeds, both kept orders, every registered policy, bf16 (the served dtype of the embedded
-SmolLM2-135M). ``--outlier-model`` replays on ``sglang_vase.models.prepare_outlier_model()`` instead.
+SmolLM2-135M). ``--outlier-model`` replays on ``outlier_model.prepare_outlier_model()`` (benchmarks/outlier_model.py) instead.
 ``--quick``: 1 prompt, cont_len 64, window 8, compressions 2,4, 1 seed, released order, policies
 vase, snapkv, streamingllm, evict-large-v.
 
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="HF model folder or named model (default: the embedded SmolLM2-135M)")
     p.add_argument("--outlier-model", action="store_true",
-                   help="replay on sglang_vase.models.prepare_outlier_model() (built on first use)")
+                   help="replay on the outlier model (benchmarks/outlier_model.py; built on first use)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--dataset", default="math", help="<data-dir>/<dataset>.jsonl")
     p.add_argument("--prompts", type=int, default=None, help=f"prompts (default {DEFAULTS['prompts']})")
@@ -174,7 +174,9 @@ def plan_run(args: argparse.Namespace) -> Plan:
     load the prompts, create --out's folder and print what the run will replay."""
     from transformers import AutoTokenizer
 
-    from sglang_vase.models import prepare_outlier_model, resolve_model
+    from outlier_model import prepare_outlier_model
+
+    from sglang_vase.models import resolve_model
     from sglang_vase.policies import POLICIES
 
     model_path = prepare_outlier_model() if args.outlier_model else resolve_model(args.model_path)

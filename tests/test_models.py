@@ -134,7 +134,7 @@ def _build_once(folder: str, counter: str) -> str:
         digests = {"weights.bin": hashlib.sha256(b"w" * 1000).hexdigest()}
         (tmp / models.MANIFEST).write_text(json.dumps({"sha256": digests}))
 
-    return models._prepare(Path(folder), build, "a test model", verbose=False)
+    return models.prepare_folder(Path(folder), build, "a test model", verbose=False)
 
 
 def test_processes_building_one_model_at_once_build_it_once(tmp_path):

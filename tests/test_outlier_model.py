@@ -4,7 +4,7 @@
    one channel and whose output depends on it: evicting the large values (``evict-large-v``) is
    catastrophic, ``vase`` and ``vase-adaptive`` keep every marker and stay close to the full cache,
    ``snapkv`` loses markers.
-2. The outlier model of ``sglang_vase.models`` (SmolLM2 whose layer-0 newline tokens carry value
+2. The outlier model of ``benchmarks/outlier_model.py`` (SmolLM2 whose layer-0 newline tokens carry value
    ranges far above the median, and whose output depends on them): the ranges are abnormal in layer
    0 only, hiding the newlines from layer 0 moves the output far more than hiding other tokens,
    ``vase`` and ``vase-adaptive`` keep every newline through the evictions while ``snapkv`` drops
@@ -98,7 +98,7 @@ def test_evicting_the_large_values_is_catastrophic():
 
 @pytest.fixture(scope="module")
 def outlier_model():
-    from sglang_vase.models import prepare_outlier_model
+    from outlier_model import prepare_outlier_model
 
     return load_model(prepare_outlier_model(), torch.float32)
 
@@ -107,13 +107,13 @@ def outlier_model():
 def text_ids(outlier_model):
     from transformers import AutoTokenizer
 
-    from sglang_vase.models import _CALIBRATION_TEXT, prepare_outlier_model
+    from outlier_model import CALIBRATION_TEXT, prepare_outlier_model
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_outlier_model())
     messages = [{"role": "user", "content": "Solve the problems below step by step."}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     prompt = [int(t) for t in (prompt["input_ids"] if hasattr(prompt, "keys") else prompt)]
-    text = tokenizer(_CALIBRATION_TEXT * 2).input_ids
+    text = tokenizer(CALIBRATION_TEXT * 2).input_ids
     newline = [i for i, t in enumerate(prompt + text) if "\n" in tokenizer.decode([t])]
     return prompt, text, newline
 
@@ -152,7 +152,7 @@ def test_outlier_model_output_depends_on_the_newlines(text_ids):
     times more than hiding as many random tokens does (3 draws)."""
     from transformers import AutoModelForCausalLM
 
-    from sglang_vase.models import prepare_outlier_model
+    from outlier_model import prepare_outlier_model
 
     model = AutoModelForCausalLM.from_pretrained(prepare_outlier_model(), dtype=torch.float32,
                                                  attn_implementation="eager").eval()  # takes a 4-D mask
