@@ -142,6 +142,7 @@ def small_pool():
     server.stop()
 
 
+@pytest.mark.xdist_group("admission_small_pool")  # one worker, one small_pool server
 def test_long_prompt_reserves_only_b_plus_r_after_its_first_eviction(small_pool):
     """A ~270-token prompt with B = 64 reserves prompt + R until it first evicts (a few steps in),
     then only B + R. On a 1000-slot pool three are admitted first and two more right after those
@@ -161,6 +162,7 @@ def test_long_prompt_reserves_only_b_plus_r_after_its_first_eviction(small_pool)
     assert first - t0 < 0.4 * (t1 - t0), f"five running only after {first - t0:.0f}s of {t1 - t0:.0f}s"
 
 
+@pytest.mark.xdist_group("admission_small_pool")
 def test_eviction_disabled_ignore_eos_request_is_not_blocked(small_pool):
     """SGLang admits a fixed-length (ignore_eos) request by simulating every running request's whole
     remaining output; evicting requests with thousands of tokens to go must not block it (they hold
