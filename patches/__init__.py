@@ -2,7 +2,9 @@
 
 Each module names its ``TARGET`` (the dotted symbol), its ``HOOK_TYPE`` (a HookRegistry hook type
 name) and a ``hook`` function; ``sglang_vase.plugin`` registers them through SGLang's plugin
-mechanism, so they apply in every SGLang process, the spawned schedulers included.
+mechanism, so they apply in every SGLang process, the spawned schedulers included. A patch imports
+no other patch: what several share lives in ``sglang_vase`` (``admission_sglang``, ``request_stats``,
+``registration``).
 """
 
 import importlib

@@ -1,8 +1,8 @@
 """``PrefillAdder.add_chunked_req`` (sglang 0.5.23): the last chunk of a long prompt reserves the
-request's exact slot bound too (see ``prefill_adder.reserve_as_bounded``).
+request's exact slot bound too (see ``admission_sglang.reserve_as_bounded``).
 """
 
-from sglang_vase.patches.prefill_adder import reserve_as_bounded
+from sglang_vase.admission_sglang import reserve_as_bounded
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
 HOOK_TYPE = "AROUND"

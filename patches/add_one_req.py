@@ -1,5 +1,5 @@
 """``PrefillAdder.add_one_req`` (sglang 0.5.23): admit a new evicting request by its exact slot
-bound (``prefill_adder.reserve_as_bounded``), and only while a query-ring row is free for it.
+bound (``admission_sglang.reserve_as_bounded``), and only while a query-ring row is free for it.
 
 A request that scores with queries and can reach its trigger needs a ring row from its prefill on
 (``state.needs_ring_row``); rows are bound when its req_to_token row is (``req_to_token_pool_alloc``).
@@ -8,8 +8,8 @@ admission goes on with the requests behind it, which may need no row: short requ
 held up by the ring.
 """
 
+from sglang_vase.admission_sglang import reserve_as_bounded
 from sglang_vase.engine.state import device_of, needs_ring_row
-from sglang_vase.patches.prefill_adder import reserve_as_bounded
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 HOOK_TYPE = "AROUND"

@@ -4,15 +4,15 @@ whole-lifetime simulation that admits eviction-disabled ``ignore_eos`` requests.
 SGLang admits such a request only if, finishing the running requests shortest-first, memory never
 runs out. It reads every request's ``max_new_tokens`` and logical length, which for an evicting
 request are unbounded and unrelated to the slots it will ever hold, so one evicting request could
-block the queue. Here the evicting requests' exact future growth (``prefill_adder.future_tokens``,
+block the queue. Here the evicting requests' exact future growth (``admission_sglang.future_tokens``,
 already reserved in the adder's total budget) is taken off the simulation's free memory up front,
 and they are left out of the simulation: it then runs over the eviction-free requests only.
 """
 
 from contextlib import ExitStack, contextmanager
 
+from sglang_vase.admission_sglang import admission_growth, future_tokens
 from sglang_vase.engine.state import request_state
-from sglang_vase.patches.prefill_adder import admission_growth, future_tokens
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req_ignore_eos"
 HOOK_TYPE = "AROUND"

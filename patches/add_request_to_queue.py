@@ -8,8 +8,8 @@ is answered with a 503 and a message instead, as SGLang answers its own unresuma
 
 from http import HTTPStatus
 
+from sglang_vase.admission_sglang import slot_capacity
 from sglang_vase.engine.state import request_state
-from sglang_vase.patches.init_req_max_new_tokens import slot_capacity
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
 HOOK_TYPE = "AROUND"

@@ -2,10 +2,12 @@
 
 SGLang admits a request when its tokens are strictly fewer than the remaining budget and reserves
 a page per request for page alignment. An evicting request's reservation is its exact slot bound
-(``prefill_adder.reserve_as_bounded``, which leaves out the page that page size 1 never uses), so it
-is admitted when it fits: reservation <= remaining. Without this the last request that fits the pool
-exactly waits for the others to finish.
+(``admission_sglang.reserve_as_bounded``, which leaves out the page that page size 1 never uses and
+sets ``EXACT_FIT`` on the budget), so it is admitted when it fits: reservation <= remaining. Without
+this the last request that fits the pool exactly waits for the others to finish.
 """
+
+from sglang_vase.admission_sglang import EXACT_FIT
 
 TARGET = "sglang.srt.mem_cache.prefill_budget.PrefillBudget.check_prefill"
 HOOK_TYPE = "AROUND"
@@ -16,6 +18,6 @@ _EPSILON = 1e-6
 
 
 def hook(original, self, *args, total_tokens, **kwargs):
-    if getattr(self, "vase_exact", False):
+    if getattr(self, EXACT_FIT, False):
         total_tokens -= _EPSILON
     return original(self, *args, total_tokens=total_tokens, **kwargs)

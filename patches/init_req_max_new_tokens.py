@@ -6,15 +6,11 @@ context (RoPE positions) and SGLANG_MAX_NEW_TOKENS_LIMIT; its slot bound must fi
 its req_to_token row, else it is aborted with a clear message.
 """
 
+from sglang_vase.admission_sglang import slot_capacity
 from sglang_vase.engine.state import request_state
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens"
 HOOK_TYPE = "AROUND"
-
-
-def slot_capacity(scheduler) -> int:
-    """Most slots one request can ever hold: the pool, and its req_to_token row."""
-    return min(scheduler.max_total_num_tokens, scheduler.req_to_token_pool.req_to_token.shape[1])
 
 
 def hook(original, self, req, *args, **kwargs):

@@ -1,90 +1,16 @@
-"""``PrefillAdder`` (sglang 0.5.23): admit evicting requests by their exact slot bound.
+"""``PrefillAdder._get_running_request_total_token_offset`` (sglang 0.5.23): a running evicting
+request reserves its exact future slots (``admission_sglang.future_tokens``), not SGLang's clipped
+estimate of its remaining output.
 
-SGLang reserves, for every running and new request, up to 4096 future tokens
-(SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION) scaled by ``new_token_ratio``. An evicting request never
-holds more than its slot bound, so it needs exactly what ``engine.admission`` computes, however
-large, and no more. This module's ``hook`` patches the running-request estimate; ``add_one_req.py``
-and ``add_chunked_req.py`` use ``reserve_as_bounded`` for the new request, ``check_prefill.py``
-admits it when it fits exactly, ``add_one_req_ignore_eos.py`` keeps the evicting requests out of
-SGLang's whole-lifetime simulation for eviction-disabled ``ignore_eos`` requests.
-
-With the radix cache, shared tree slots are counted once (SGLang counts the locked ones as held),
-and a request whose next eviction releases its tree lock frees the tree columns only it holds: a
-per-step census of the running requests' tree paths (``PrefixCensus``) says which those are.
+The rest of admission by the slot bound is in ``add_one_req``, ``add_chunked_req``,
+``check_prefill`` and ``add_one_req_ignore_eos``; ``sglang_vase.admission_sglang`` explains it.
 """
 
-from collections import Counter
-from contextlib import contextmanager
-
-from sglang.srt.managers import schedule_policy
-
-from sglang_vase.engine.admission import admission_slots, future_slots, releases_tree
+from sglang_vase.admission_sglang import PrefixCensus, future_tokens
 from sglang_vase.engine.state import request_state
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset"
 HOOK_TYPE = "AROUND"
-
-
-class PrefixCensus:
-    """How many running requests lock each radix-tree node, and which lone holders release it at
-    their next eviction (then it becomes evictable, and the eviction may reuse its slots)."""
-
-    def __init__(self, tree, holders):
-        self.tree = tree
-        locked = [r for r in holders if r.lock is not None]
-        paths = tree.tree_core.collect_path_info([r.lock.node for r in locked]) if locked else ()
-        self.paths = {id(r): path for r, path in zip(locked, paths)}
-        self.count = Counter(node.node_id for path in paths for node in path)
-        self.releasing = {node.node_id for r, path in zip(locked, paths) if _releases(r) for node in path
-                          if self.count[node.node_id] == 1}
-
-    @classmethod
-    def of(cls, adder) -> "PrefixCensus | None":
-        """The census of this admission round (None without the radix cache)."""
-        tree = adder.tree_cache
-        if getattr(tree, "disable", True):
-            return None
-        census = getattr(adder, "_vase_census", None)
-        if census is None:
-            holders = list(adder.running_batch.reqs) if adder.running_batch is not None else []
-            census = adder._vase_census = cls(tree, holders)
-        return census
-
-    def exclusive(self, req) -> int:
-        """Tree columns only ``req`` locks, where its next eviction releases them."""
-        return sum(n.path_end - n.path_start for n in self.paths.get(id(req), ()) if n.node_id in self.releasing)
-
-    def taken_over(self, node) -> int:
-        """Tree columns on the path to ``node`` (a new request's match) that a running request
-        alone holds and counts on releasing: once shared they stay, so the newcomer pays for them."""
-        if node is None or not self.releasing:
-            return 0
-        (path,) = self.tree.tree_core.collect_path_info([node])
-        return sum(n.path_end - n.path_start for n in path if n.node_id in self.releasing)
-
-
-def _releases(req) -> bool:
-    st = request_state(req)
-    return st is not None and releases_tree(st, req.kv.cache_protected_len) and not st.evictions
-
-
-def _remaining_output(req) -> int:
-    return max(0, req.sampling_params.max_new_tokens - len(req.output_ids))
-
-
-def future_tokens(req, st, census: PrefixCensus | None = None) -> int:
-    """Slots a running request may still add (``engine.admission.future_slots``)."""
-    exclusive = census.exclusive(req) if census is not None else 0
-    return future_slots(st, req.kv.kv_allocated_len, req.kv.cache_protected_len, _remaining_output(req), exclusive)
-
-
-def admission_growth(req, st, census: PrefixCensus | None = None) -> int:
-    """Slots a request being admitted may add after its prefill (its extend is charged apart)."""
-    fill = len(req.full_untruncated_fill_ids)
-    growth = admission_slots(st, fill, req.prefix_len, _remaining_output(req), radix=census is not None)
-    if census is not None and st.kept_prompt == 0:
-        growth += census.taken_over(req.last_node)
-    return growth
 
 
 def hook(original, self, req, *args, **kwargs):
@@ -92,31 +18,3 @@ def hook(original, self, req, *args, **kwargs):
     if st is None:
         return original(self, req, *args, **kwargs)
     return future_tokens(req, st, PrefixCensus.of(self))
-
-
-@contextmanager
-def reserve_as_bounded(adder, req):
-    """Make SGLang's admission reserve the request's exact future slots, then restore it.
-
-    Admission reads ``max_new_tokens - len(output_ids)`` as the future growth, clipped at
-    CLIP_MAX_NEW_TOKENS (and takes a separate whole-lifetime simulation path for ignore_eos
-    requests); presenting the bound there, with the clip lifted to it, keeps every admission check,
-    chunking rule and budget update of SGLang's own code. SGLang adds a page per request for
-    page alignment, which page size 1 never uses: the presented growth leaves it out again, so that
-    the reservation is the exact bound (``check_prefill`` then admits on an exact fit).
-    """
-    st = request_state(req)
-    if st is None:
-        yield
-        return
-    sp = req.sampling_params
-    growth = admission_growth(req, st, PrefixCensus.of(adder)) - adder.page_size
-    saved = (sp.max_new_tokens, sp.ignore_eos, schedule_policy.CLIP_MAX_NEW_TOKENS)
-    sp.max_new_tokens, sp.ignore_eos = len(req.output_ids) + growth, False
-    schedule_policy.CLIP_MAX_NEW_TOKENS = max(saved[2], growth)
-    adder.memory_budget.vase_exact = True
-    try:
-        yield
-    finally:
-        sp.max_new_tokens, sp.ignore_eos, schedule_policy.CLIP_MAX_NEW_TOKENS = saved
-        adder.memory_budget.vase_exact = False

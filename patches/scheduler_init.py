@@ -11,7 +11,7 @@ from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOu
 
 from sglang_vase.compat import model_refusals, runtime_refusals, scheduler_refusals
 from sglang_vase.config import server_defaults
-from sglang_vase.plugin import check_applied
+from sglang_vase.registration import check_applied
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.__init__"
 HOOK_TYPE = "AFTER"

@@ -2,7 +2,7 @@
 ``meta_info["vase"]`` (one dict, the latest), instead of SGLang's per-token accumulation.
 """
 
-from sglang_vase.patches.output_streamer import KEY
+from sglang_vase.request_stats import KEY
 
 TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
 HOOK_TYPE = "AROUND"

@@ -3,7 +3,8 @@
 SGLang calls ``load`` in every process it starts (the launcher's, each scheduler's, the
 detokenizer's). It does nothing unless the server was started by ``sglang_vase.launch_server``
 (which sets SGLANG_VASE_CONFIG), so installing sglang-vase leaves plain SGLang untouched, and with
-``--vase-policy none`` only the request check applies.
+``--vase-policy none`` only the request check applies. ``registration`` records what it registered,
+for ``scheduler_init`` to check that SGLang applied it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from sglang_vase.config import server_defaults
+from sglang_vase.registration import register
 
 logger = logging.getLogger(__name__)
 
@@ -25,27 +27,10 @@ def _active_patches():
 
 
 def load() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    _cpu_route_store_kv()
-    for patch in _active_patches():
-        HookRegistry.register(patch.TARGET, patch.hook, HookType[patch.HOOK_TYPE])
-
-
-def check_applied() -> None:
-    """Raise if a patch did not apply (SGLang only logs plugin failures). The registry's record is
-    the truth: a target SGLang already decorates (``functools.wraps``) has ``__wrapped__`` either way."""
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
-    missing = [p.TARGET for p in _active_patches() if p.TARGET not in HookRegistry._patched]
-    if missing:
-        raise RuntimeError(f"sglang-vase patches did not apply (is sglang {_pinned()} installed?): {missing}")
-
-
-def _pinned() -> str:
     from sglang_vase.patches import SGLANG_VERSION
 
-    return SGLANG_VERSION
+    _cpu_route_store_kv()
+    register(_active_patches(), SGLANG_VERSION)
 
 
 def _cpu_route_store_kv() -> None:
