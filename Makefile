@@ -10,8 +10,8 @@ MODEL ?=
 ARGS  ?=
 # Extra pytest flags for `make test`, e.g. PYTEST_ARGS="-m 'not slow'"
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test`: tests spread one by one, except those that share a
-# module's servers (marked xdist_group), which run on one worker
+# pytest-xdist workers for `make test`, each running whole files (a file's servers are shared by
+# its tests). Not --dist loadgroup: pytest 9 ignores the node ids xdist 3.8 rewrites for it.
 TEST_WORKERS ?= 2
 
 .PHONY: install model serve serve-dp test gpu-check clean
@@ -31,7 +31,7 @@ serve-dp: model
 	$(PY) -m sglang_vase.launch_server --host 127.0.0.1 --port $(PORT) --dp-size 2 $(if $(MODEL),--model-path $(MODEL)) $(ARGS)
 
 test: model
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # On a CUDA machine: kernel parity at Qwen3 shapes + kernel benchmark -> benchmarks/results/gpu_check.json
 gpu-check: install

@@ -56,6 +56,12 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
+def _environment(changes: dict | None) -> dict:
+    """This process's environment with ``changes``; a variable whose value is None is removed."""
+    env = {**os.environ, **(changes or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
 def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
@@ -151,7 +157,8 @@ class Server(_Process):
     """A server process. ``vase=False`` starts plain ``sglang.launch_server``.
 
     The model defaults to the embedded one; ``cuda=None`` asks torch whether a GPU is visible.
-    ``strict_memory`` turns SGLang's memory checks on (``STRICT_MEMORY_ENV``). ``wait=True`` returns
+    ``strict_memory`` turns SGLang's memory checks on (``STRICT_MEMORY_ENV``); ``env`` changes the
+    environment it inherits (None removes a variable). ``wait=True`` returns
     once /health answers (``wait_ready`` otherwise); ``stop`` is idempotent.
     """
 
@@ -164,7 +171,7 @@ class Server(_Process):
             from sglang_vase.models import prepare_default_model
 
             cmd += ["--model-path", prepare_default_model()]
-        full_env = {**os.environ, **(STRICT_MEMORY_ENV if strict_memory else {}), **(env or {})}
+        full_env = _environment({**(STRICT_MEMORY_ENV if strict_memory else {}), **(env or {})})
         full_env.pop("TRITON_INTERPRET", None)  # serving on CPU uses the torch path, not the interpreter
         if not vase:
             full_env.pop("SGLANG_VASE_CONFIG", None)
@@ -219,7 +226,7 @@ class Router(_Process):
                  log_path: Path | None = None, wait: bool = True, timeout: float = 120):
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, *args]
         self.worker_urls = list(worker_urls)
-        super().__init__(cmd, {**os.environ, **(env or {})}, log_path, wait, timeout)
+        super().__init__(cmd, _environment(env), log_path, wait, timeout)
 
     def wait_ready(self, timeout: float = 120, cancel: threading.Event | None = None) -> float:
         """Also wait until every worker is registered: the router answers /health at once and

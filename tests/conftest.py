@@ -29,6 +29,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_collection_modifyitems(config, items):
     """Files that start servers first (they take most of the time), the quick ones after them, so
-    that the workers finish together: xdist hands out tests in this order (--dist loadgroup)."""
+    that the workers finish together: xdist hands out whole files in this order (--dist loadfile)."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file is kept

@@ -123,13 +123,13 @@ def test_reservation_is_not_clipped():
     try:
         # One batch request: all eight reach the same admission round, where the clip would let
         # them all in at once (each reserving prompt + 32).
-        batch = _request([f"{PROMPT} ({i})" for i in range(8)], 300)
+        batch = _request([f"{PROMPT} ({i})" for i in range(8)], 200)
         r = requests.post(f"{server.url}/generate", json=batch, timeout=1800)
         r.raise_for_status()
         results = r.json()
         assert len(results) == 8
         assert all(r["meta_info"]["num_retractions"] == 0 for r in results)
-        assert all(r["meta_info"]["completion_tokens"] == 300 for r in results)
+        assert all(r["meta_info"]["completion_tokens"] == 200 for r in results)
         assert server.max_running_requests() == 4
     finally:
         server.stop()
@@ -142,7 +142,6 @@ def small_pool():
     server.stop()
 
 
-@pytest.mark.xdist_group("admission_small_pool")  # one worker, one small_pool server
 def test_long_prompt_reserves_only_b_plus_r_after_its_first_eviction(small_pool):
     """A ~270-token prompt with B = 64 reserves prompt + R until it first evicts (a few steps in),
     then only B + R. On a 1000-slot pool three are admitted first and two more right after those
@@ -162,7 +161,6 @@ def test_long_prompt_reserves_only_b_plus_r_after_its_first_eviction(small_pool)
     assert first - t0 < 0.4 * (t1 - t0), f"five running only after {first - t0:.0f}s of {t1 - t0:.0f}s"
 
 
-@pytest.mark.xdist_group("admission_small_pool")
 def test_eviction_disabled_ignore_eos_request_is_not_blocked(small_pool):
     """SGLang admits a fixed-length (ignore_eos) request by simulating every running request's whole
     remaining output; evicting requests with thousands of tokens to go must not block it (they hold

@@ -19,7 +19,7 @@ from sglang_vase.engine.geometry import Geometry
 from sglang_vase.policies import POLICIES
 from sglang_vase.serving import Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # its servers are shared
+pytestmark = pytest.mark.slow
 
 BUDGET, WINDOW = 64, 16
 # A pool that holds one 600-token prompt plus 16 requests' own B + R slots, not 16 unshared prompts.

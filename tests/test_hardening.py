@@ -14,7 +14,7 @@ from sglang_vase.engine.hooks import FAULT_ENV
 from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # its servers are shared
+pytestmark = pytest.mark.slow
 
 PROMPT = "Question: what is 17 * 23? Think step by step.\nAnswer:"
 BUDGET, WINDOW = 64, 16

@@ -23,8 +23,6 @@ from sglang_vase.policies import get_policy
 from sglang_vase.policies.base import EvictionInputs
 from sglang_vase.reference import EvictingDecoder, Row, load_model
 
-pytestmark = pytest.mark.xdist_group(__name__)  # its built models are shared
-
 MARKER = 7
 POLICIES = ["evict-large-v", "random", "snapkv", "snapkv-sample", "vase", "vase-adaptive"]
 

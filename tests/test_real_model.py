@@ -14,7 +14,7 @@ import torch
 from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # its servers are shared
+pytestmark = pytest.mark.slow
 
 NAME = "qwen2.5-coder-0.5b"
 QUESTION = "A farmer has 17 cows and buys 3 times as many sheep. How many animals does he have? Think step by step."

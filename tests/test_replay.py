@@ -12,8 +12,6 @@ import torch
 from sglang_vase.policies import get_policy
 from sglang_vase.reference import EvictingDecoder, generate, load_model, teacher_forced
 
-pytestmark = pytest.mark.xdist_group(__name__)  # its loaded models and generations are shared
-
 BUDGET, WINDOW = 64, 16
 K_KEEP = BUDGET - WINDOW
 SNAP_STEPS = 120

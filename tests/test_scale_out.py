@@ -21,7 +21,8 @@ FLAGS = ["--max-total-tokens", "4096", "--max-running-requests", "8", "--vase-bu
 
 
 def test_data_parallel_ranks_each_evict():
-    server = Server(FLAGS + ["--dp-size", "2"], strict_memory=True, timeout=600)
+    # The launcher's own per-rank threads, whatever OMP_NUM_THREADS the test run set for itself.
+    server = Server(FLAGS + ["--dp-size", "2"], env={"OMP_NUM_THREADS": None}, strict_memory=True, timeout=600)
     try:
         log = server.log()
         assert "SGLANG_CPU_OMP_THREADS_BIND=" in log and "OMP_NUM_THREADS=1" in log

@@ -19,7 +19,7 @@ import torch
 from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # its servers are shared
+pytestmark = pytest.mark.slow
 
 PROMPT = "Question: what is 17 * 23? Think step by step.\nAnswer:"
 COMMON = ["--dtype", "float32", "--max-total-tokens", "16384", "--max-running-requests", "24"]

@@ -41,3 +41,10 @@ def test_taken_port_is_retried_on_another(tmp_path, monkeypatch):
 def test_free_ports_avoid_the_ephemeral_and_sglang_ranges():
     ports = {serving.free_port() for _ in range(20)}
     assert all(10000 <= p < 22000 for p in ports)
+
+
+def test_server_environment_changes_and_removals(monkeypatch):
+    monkeypatch.setenv("VASE_TEST_KEPT", "a")
+    monkeypatch.setenv("VASE_TEST_DROPPED", "b")
+    env = serving._environment({"VASE_TEST_DROPPED": None, "VASE_TEST_ADDED": "c"})
+    assert env["VASE_TEST_KEPT"] == "a" and env["VASE_TEST_ADDED"] == "c" and "VASE_TEST_DROPPED" not in env
