@@ -11,7 +11,8 @@ ARGS  ?=
 # Extra pytest flags for `make test`, e.g. PYTEST_ARGS="-m 'not slow'"
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`, each running whole files (a file's servers are shared by
-# its tests). Not --dist loadgroup: pytest 9 ignores the node ids xdist 3.8 rewrites for it.
+# its tests) in the order tests/conftest.py sets (server files first). Not --dist loadgroup:
+# pytest 9 ignores the node ids xdist 3.8 rewrites for it.
 TEST_WORKERS ?= 2
 
 .PHONY: install model serve serve-dp test gpu-check clean
@@ -31,7 +32,7 @@ serve-dp: model
 	$(PY) -m sglang_vase.launch_server --host 127.0.0.1 --port $(PORT) --dp-size 2 $(if $(MODEL),--model-path $(MODEL)) $(ARGS)
 
 test: model
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # On a CUDA machine: kernel parity at Qwen3 shapes + kernel benchmark -> benchmarks/results/gpu_check.json
 gpu-check: install

@@ -192,14 +192,15 @@ def test_retracted_request_too_long_to_reprefill_is_aborted():
     """A retracted evicting request re-prefills prompt + output uncompressed. Once that exceeds the
     pool it can never be re-admitted: it is answered (503, with the reason) instead of waiting
     forever, and the other request completes."""
-    # Retracted at step 650, a request needs prompt + 650 > 600 slots to re-prefill.
-    server = Server(["--max-total-tokens", "600", *SMALL], strict_memory=True,
-                    env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "650"})
+    # Retracted at step 330, a request needs prompt + 330 > 300 slots to re-prefill; the pool holds
+    # both requests' bounds max(prompt, B) + R = 80 at once.
+    server = Server(["--max-total-tokens", "300", *SMALL], strict_memory=True,
+                    env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "330"})
     try:
         codes, texts = [], []
 
         def run(i):
-            r = requests.post(f"{server.url}/generate", json=_request(f"{PROMPT} ({i})", 800), timeout=1800)
+            r = requests.post(f"{server.url}/generate", json=_request(f"{PROMPT} ({i})", 400), timeout=1800)
             codes.append(r.status_code)
             texts.append(r.text)
 

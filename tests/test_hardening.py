@@ -141,8 +141,8 @@ def test_query_ring_rows_gate_only_requests_that_can_evict():
             except Exception as e:  # noqa: BLE001 -- asserted below
                 errors.append(e)
 
-        long_reqs = [body(max_new_tokens=150) for _ in range(3)]
-        short_reqs = [body(max_new_tokens=30) for _ in range(3)] + [body(max_new_tokens=150, vase=False)]
+        long_reqs = [body(max_new_tokens=100) for _ in range(3)]  # each evicts at least twice (n = 80, 96, ...)
+        short_reqs = [body(max_new_tokens=30) for _ in range(3)] + [body(max_new_tokens=100, vase=False)]
         threads = [threading.Thread(target=run, args=(b,)) for b in long_reqs + short_reqs]
         for t in threads:
             t.start()
