@@ -21,7 +21,7 @@ not parse); GPQA by the letter in the box.
 
 Every finished sample goes to ``<out-dir>/partial/accuracy_<task>_<label>.jsonl`` as it arrives; a
 rerun with the same settings skips the (question, sample) pairs already there, so an interrupted
-run resumes. Records made with other settings (model, sampling, max tokens, vase params) are
+run resumes (the file is tracked by git: commit it to resume on another machine). Records made with other settings (model, sampling, max tokens, vase params) are
 ignored. Outputs: ``<out-dir>/accuracy_<task>_<label>.json`` and a bar chart ``.png``; with two
 endpoints also ``accuracy_<task>_<label1>_vs_<label2>.json/.png`` and a markdown table on stdout.
 
