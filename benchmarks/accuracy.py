@@ -21,13 +21,13 @@ not parse); GPQA by the letter in the box.
 
 Every finished sample goes to ``<out-dir>/partial/accuracy_<task>_<label>.jsonl`` as it arrives; a
 rerun with the same settings skips the (question, sample) pairs already there, so an interrupted
-run resumes (the file is tracked by git: commit it to resume on another machine). Records made with other settings (model, sampling, max tokens, vase params) are
-ignored. Outputs: ``<out-dir>/accuracy_<task>_<label>.json`` and a bar chart ``.png``; with two
-endpoints also ``accuracy_<task>_<label1>_vs_<label2>.json/.png`` and a markdown table on stdout.
+run resumes (the file is tracked by git: commit it to resume on another machine). Records made
+with other settings (model, sampling, max tokens, vase params) are ignored. Outputs:
+``<out-dir>/accuracy_<task>_<label>.json`` and a bar chart ``.png``; with two endpoints also ``accuracy_<task>_<label1>_vs_<label2>.json/.png`` and a markdown table on stdout.
 
     python benchmarks/accuracy.py --endpoint http://127.0.0.1:30000 --task aime24 \\
         [--endpoint2 http://127.0.0.1:30001 --labels vase,plain] [--n 16] [--max-tokens 32768] \\
-        [--limit K] [--concurrency 16] [--vase-json '{"budget": 2048}'] [--seed 0]
+        [--limit K] [--levels 1,2] [--concurrency 16] [--vase-json '{"budget": 2048}'] [--seed 0]
 """
 
 from __future__ import annotations
@@ -76,8 +76,11 @@ def _gold_str(ans) -> str:
     return str(ans).strip()
 
 
-def load_task(task: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """The task's questions: ``[{"qid", "prompt", "gold"}]`` in file order (first ``limit``)."""
+def load_task(task: str, data_dir: str | Path | None = None, limit: int | None = None,
+              levels: set[int] | None = None) -> list[dict]:
+    """The task's questions: ``[{"qid", "prompt", "gold"}]`` in file order (first ``limit``), only
+    those of ``levels`` (MATH's difficulty) if given. ``qid`` is the question's place in the file,
+    so a question keeps its id, its sampling seeds and its finished samples under any filter."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
     fname, kind, _ = TASKS[task]
@@ -85,11 +88,13 @@ def load_task(task: str, data_dir: str | Path | None = None, limit: int | None =
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (use --data-dir)")
     items = []
-    for line_no, row, question in problems(path):
+    for position, (line_no, row, question) in enumerate(problems(path)):
         if "answer" not in row:
             raise ValueError(f"{path}:{line_no + 1}: a question without an 'answer'")
+        if levels is not None and row.get("level") not in levels:
+            continue
         prompt = question if kind == "gpqa" else question + MATH_SUFFIX
-        items.append({"qid": str(len(items)), "source_id": row.get("unique_id", row.get("id")),
+        items.append({"qid": str(position), "source_id": row.get("unique_id", row.get("id")),
                       "prompt": prompt, "gold": _gold_str(row["answer"])})
         if limit is not None and len(items) >= limit:
             break
@@ -320,7 +325,8 @@ def summarize(items: list[dict], records: dict[tuple[str, int], dict], n: int) -
 
 
 def run(endpoint: str, task: str, label: str | None = None, n: int | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None, concurrency: int = 16,
+        max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None, levels: set[int] | None = None,
+        concurrency: int = 16,
         vase: dict | None = None, seed: int | None = None, temperature: float = TEMPERATURE,
         top_p: float = TOP_P, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         request_timeout: float = 6 * 3600, note: str | None = None, progress: bool = True,
@@ -329,7 +335,7 @@ def run(endpoint: str, task: str, label: str | None = None, n: int | None = None
     label = label or _label_of(endpoint)
     kind = TASKS[task][1]
     n = n or TASKS[task][2]
-    items = load_task(task, data_dir, limit)
+    items = load_task(task, data_dir, limit, levels)
     out_dir = Path(out_dir or DEFAULT_OUT_DIR)
     (out_dir / "partial").mkdir(parents=True, exist_ok=True)
     partial = out_dir / "partial" / f"accuracy_{task}_{label}.jsonl"
@@ -396,7 +402,8 @@ def run(endpoint: str, task: str, label: str | None = None, n: int | None = None
     summary = {
         "task": task, "label": label, "endpoint": endpoint, "model": model,
         **{k: v for k, v in stats.items() if k != "per_question"},
-        "n_per_question": n, "limit": limit, "max_tokens": max_tokens, "temperature": temperature,
+        "n_per_question": n, "limit": limit, "levels": sorted(levels) if levels else None,
+        "max_tokens": max_tokens, "temperature": temperature,
         "top_p": top_p, "vase": vase, "seed": seed, "concurrency": concurrency,
         "new_requests": len(todo) - len(errors), "resumed_samples": resumed, "n_errors": len(errors),
         "errors": errors[:20], "complete": stats["n_samples"] == len(items) * n,
@@ -494,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, help="samples per question (default 16 for AIME/HMMT, 8 otherwise)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--limit", type=int, help="only the first K questions")
+    p.add_argument("--levels", help="only questions of these difficulty levels, e.g. 1,2 (MATH-500)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--top-p", type=float, default=TOP_P)
@@ -518,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     res = compare(endpoints, a.task, labels=labels, vase_per_endpoint=vases, out_dir=a.out_dir, n=a.n,
                   max_tokens=a.max_tokens, limit=a.limit, concurrency=a.concurrency, seed=a.seed,
+                  levels={int(x) for x in a.levels.split(",")} if a.levels else None,
                   temperature=a.temperature, top_p=a.top_p, data_dir=a.data_dir, request_timeout=a.timeout,
                   note=a.note, progress=not a.no_progress, plot=not a.no_plot, regrade=a.regrade)
     print(res["table"])

@@ -78,6 +78,18 @@ def test_load_task_prompts():
     assert "\\boxed{}" in gpqa[0]["prompt"] and gpqa[0]["gold"] in "ABCD"
 
 
+@pytest.mark.skipif(not DATA_OK, reason="reasoning data not found")
+def test_levels_keep_each_questions_id():
+    """A level filter keeps each question's id (its place in the file): its seeds and its finished
+    samples are the same with or without the filter."""
+    every = {it["qid"]: it for it in accuracy.load_task("math")}
+    easy = accuracy.load_task("math", levels={1, 2})
+    assert len(easy) == 133  # MATH-500 has 43 level-1 and 90 level-2 problems
+    assert all(every[it["qid"]] == it for it in easy)
+    assert [int(it["qid"]) for it in easy] == sorted(int(it["qid"]) for it in easy)
+    assert len(accuracy.load_task("math", levels={1, 2}, limit=5)) == 5
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_OK, reason="reasoning data not found")
 def test_harness_end_to_end_and_resume(tmp_path, monkeypatch):
