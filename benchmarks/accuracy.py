@@ -23,7 +23,8 @@ Every finished sample goes to ``<out-dir>/partial/accuracy_<task>_<label>.jsonl`
 rerun with the same settings skips the (question, sample) pairs already there, so an interrupted
 run resumes (the file is tracked by git: commit it to resume on another machine). Records made
 with other settings (model, sampling, max tokens, vase params) are ignored. Outputs:
-``<out-dir>/accuracy_<task>_<label>.json`` and a bar chart ``.png``; with two endpoints also ``accuracy_<task>_<label1>_vs_<label2>.json/.png`` and a markdown table on stdout.
+``<out-dir>/accuracy_<task>_<label>.json`` and a bar chart ``.png``; with two endpoints also
+``accuracy_<task>_<label1>_vs_<label2>.json/.png`` and a markdown table on stdout.
 
     python benchmarks/accuracy.py --endpoint http://127.0.0.1:30000 --task aime24 \\
         [--endpoint2 http://127.0.0.1:30001 --labels vase,plain] [--n 16] [--max-tokens 32768] \\
