@@ -1,5 +1,6 @@
-"""When the Triton kernels run instead of the torch references: ``Route.of`` decides it once per KV
-pool for the engine; a kernel called without a route decides by its own tensors with the same rule."""
+"""When the Triton kernels run instead of the torch references: for the engine, ``Route.of`` decides
+it from the KV pool's buffer, once per eviction group, and every kernel of the group follows it; a
+kernel called without a route decides by its own tensors with the same rule."""
 
 from __future__ import annotations
 
