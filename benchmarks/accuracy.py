@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import math
@@ -263,10 +264,11 @@ def _sample(endpoint: str, body: dict, timeout: float, retries: int = 3) -> dict
     choice = resp["choices"][0]
     msg = choice.get("message") or {}
     usage = resp.get("usage") or {}
+    per_choice = (resp.get("metadata") or {}).get("vase") or [None]
     return {"content": msg.get("content"), "reasoning": msg.get("reasoning_content"),
             "finish_reason": choice.get("finish_reason"),
             "completion_tokens": usage.get("completion_tokens"), "prompt_tokens": usage.get("prompt_tokens"),
-            "latency_s": round(time.time() - t0, 3)}
+            "latency_s": round(time.time() - t0, 3), "vase_stats": per_choice[0]}
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -325,6 +327,148 @@ def summarize(items: list[dict], records: dict[tuple[str, int], dict], n: int) -
     }
 
 
+@dataclasses.dataclass
+class Job:
+    """One system's samples on one task: its settings, its partial file and what is finished there.
+
+    ``vase_seed="sample"`` gives every request the eviction seed ``custom_params.vase.seed`` equal
+    to its sampling seed, so a stochastic policy draws the same way on a rerun."""
+
+    label: str
+    task: str
+    model: str
+    items: list[dict]
+    n: int
+    body: dict                       # sampling fields every request carries
+    vase: dict | bool | None
+    seed: int | None
+    vase_seed: str | None
+    partial: Path
+    config_key: str
+    done: dict[tuple[str, int], dict]
+    resumed: int
+
+    @property
+    def kind(self) -> str:
+        return TASKS[self.task][1]
+
+    def todo(self, qids: set[str] | None = None) -> list[tuple[dict, int]]:
+        """The (question, sample) pairs not finished yet, in question order (only ``qids`` if given)."""
+        return [(it, s) for it in self.items if qids is None or it["qid"] in qids
+                for s in range(self.n) if (it["qid"], s) not in self.done]
+
+    def request(self, it: dict, s: int) -> dict:
+        body = {**self.body, "messages": [{"role": "user", "content": it["prompt"]}]}
+        sample_seed = None if self.seed is None else self.seed + int(it["qid"]) * 1000 + s
+        if sample_seed is not None:
+            body["seed"] = sample_seed
+        if self.vase is not None:
+            vase = self.vase
+            if self.vase_seed == "sample" and isinstance(vase, dict) and sample_seed is not None:
+                vase = {**vase, "seed": sample_seed}
+            body["custom_params"] = {"vase": vase}
+        return body
+
+    def record(self, it: dict, s: int, res: dict) -> dict:
+        rec = {"qid": it["qid"], "sample": s, "source_id": it["source_id"], "prompt_sha": _sha(it["prompt"]),
+               "config_key": self.config_key, "gold": it["gold"], **res}
+        rec["correct"], rec["extracted"] = grade(_graded_text(rec), it["gold"], self.kind)
+        self.done[(it["qid"], s)] = rec
+        return rec
+
+
+def prepare(endpoint: str, task: str, label: str | None = None, n: int | None = None,
+            max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None, levels: set[int] | None = None,
+            vase: dict | bool | None = None, seed: int | None = None, temperature: float = TEMPERATURE,
+            top_p: float = TOP_P, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
+            regrade: bool = False, vase_seed: str | None = None, model: str | None = None) -> Job:
+    """A job with the samples its partial file already holds under the same settings."""
+    if vase_seed not in (None, "sample"):
+        raise ValueError(f"vase_seed must be None or 'sample', got {vase_seed!r}")
+    label = label or _label_of(endpoint)
+    n = n or TASKS[task][2]
+    items = load_task(task, data_dir, limit, levels)
+    out_dir = Path(out_dir or DEFAULT_OUT_DIR)
+    (out_dir / "partial").mkdir(parents=True, exist_ok=True)
+    partial = out_dir / "partial" / f"accuracy_{task}_{label}.jsonl"
+    model = model or served_model(endpoint)
+    config = {"model": model, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+              "vase": vase, "seed": seed}
+    if vase_seed:  # only then, so the keys of runs made before the option stay valid
+        config["vase_seed"] = vase_seed
+    config_key = _sha(json.dumps(config, sort_keys=True))
+    prompt_sha = {it["qid"]: _sha(it["prompt"]) for it in items}
+    done = {k: r for k, r in load_partial(partial, config_key).items() if r.get("prompt_sha") == prompt_sha.get(k[0])}
+    if regrade:
+        golds = {it["qid"]: it["gold"] for it in items}
+        for (qid, _), r in done.items():
+            if qid in golds:
+                r["correct"], r["extracted"] = grade(_graded_text(r), golds[qid], TASKS[task][1])
+    body = {"model": model, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": 1}
+    resumed = sum((it["qid"], s) in done for it in items for s in range(n))
+    return Job(label, task, model, items, n, body, vase, seed, vase_seed, partial, config_key, done, resumed)
+
+
+def execute(endpoint: str, work: list[tuple[Job, dict, int]], concurrency: int,
+            request_timeout: float = 6 * 3600, progress: bool = True, desc: str = "") -> tuple[list[dict], list[str]]:
+    """Send every (job, question, sample) of ``work`` (in that order, ``concurrency`` at a time);
+    each finished sample is graded and appended to its job's partial file as it arrives.
+    Returns the new records and the errors (a failed pair is retried by the next run)."""
+    from tqdm import tqdm
+
+    new, errors = [], []
+    if not work:
+        return new, errors
+    bar = tqdm(total=len(work), desc=desc, disable=not progress, file=sys.stderr)
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, concurrency))
+    futs = {pool.submit(_sample, endpoint, job.request(it, s), request_timeout): (job, it, s) for job, it, s in work}
+    files = {}
+    try:
+        for fut in cf.as_completed(futs):
+            job, it, s = futs[fut]
+            bar.update(1)
+            try:
+                res = fut.result()
+            except FatalRequestError:
+                raise
+            except Exception as e:  # noqa: BLE001 - counted, the pair is retried on resume
+                errors.append(f"{job.label} q{it['qid']}/s{s}: {type(e).__name__}: {e}"[:300])
+                continue
+            rec = job.record(it, s, res)
+            if job.partial not in files:
+                files[job.partial] = open(job.partial, "a")
+            files[job.partial].write(json.dumps(rec) + "\n")
+            files[job.partial].flush()
+            new.append(rec)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        for f in files.values():
+            f.close()
+    return new, errors
+
+
+def job_summary(job: Job, endpoint: str, new: int = 0, errors: list[str] | None = None, elapsed: float = 0.0,
+                note: str | None = None, limit: int | None = None, levels: set[int] | None = None,
+                concurrency: int | None = None) -> dict:
+    """The summary a job's result file holds: its stats over every finished sample, and this call's work."""
+    errors = errors or []
+    stats = summarize(job.items, job.done, job.n)
+    notes = [x for x in (note, SMALL_MODEL_NOTE if "smollm2-135m" in job.model.lower() else None) if x]
+    return {
+        "task": job.task, "label": job.label, "endpoint": endpoint, "model": job.model,
+        **{k: v for k, v in stats.items() if k != "per_question"},
+        "n_per_question": job.n, "limit": limit, "levels": sorted(levels) if levels else None,
+        "max_tokens": job.body["max_tokens"], "temperature": job.body["temperature"],
+        "top_p": job.body["top_p"], "vase": job.vase, "vase_seed": job.vase_seed, "seed": job.seed,
+        "concurrency": concurrency, "new_requests": new, "resumed_samples": job.resumed, "n_errors": len(errors),
+        "errors": errors[:20], "complete": stats["n_samples"] == len(job.items) * job.n,
+        "runtime_s_this_call": round(elapsed, 2),
+        "partial_file": _rel(job.partial), "config_key": job.config_key,
+        "note": "; ".join(notes) or None, "machine": machine_info(), "per_question": stats["per_question"],
+    }
+
+
 def run(endpoint: str, task: str, label: str | None = None, n: int | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS, limit: int | None = None, levels: set[int] | None = None,
         concurrency: int = 16,
@@ -333,88 +477,16 @@ def run(endpoint: str, task: str, label: str | None = None, n: int | None = None
         request_timeout: float = 6 * 3600, note: str | None = None, progress: bool = True,
         plot: bool = True, regrade: bool = False) -> dict:
     """Run (or resume) one task against one endpoint; write and return the summary dict."""
-    label = label or _label_of(endpoint)
-    kind = TASKS[task][1]
-    n = n or TASKS[task][2]
-    items = load_task(task, data_dir, limit, levels)
     out_dir = Path(out_dir or DEFAULT_OUT_DIR)
-    (out_dir / "partial").mkdir(parents=True, exist_ok=True)
-    partial = out_dir / "partial" / f"accuracy_{task}_{label}.jsonl"
-
-    model = served_model(endpoint)
-    config = {"model": model, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-              "vase": vase, "seed": seed}
-    config_key = _sha(json.dumps(config, sort_keys=True))
-    done = load_partial(partial, config_key)
-    prompt_sha = {it["qid"]: _sha(it["prompt"]) for it in items}
-    done = {k: r for k, r in done.items() if r.get("prompt_sha") == prompt_sha.get(k[0])}
-    if regrade:
-        golds = {it["qid"]: it["gold"] for it in items}
-        for (qid, _), r in done.items():
-            if qid in golds:
-                r["correct"], r["extracted"] = grade(_graded_text(r), golds[qid], kind)
-
-    todo = [(it, s) for it in items for s in range(n) if (it["qid"], s) not in done]
-    resumed = sum((it["qid"], s) in done for it in items for s in range(n))
-
-    def body_for(it, s):
-        body = {"model": model, "messages": [{"role": "user", "content": it["prompt"]}],
-                "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "n": 1}
-        if vase is not None:
-            body["custom_params"] = {"vase": vase}
-        if seed is not None:
-            body["seed"] = seed + int(it["qid"]) * 1000 + s
-        return body
-
-    errors: list[str] = []
+    job = prepare(endpoint, task, label, n, max_tokens, limit, levels, vase, seed, temperature, top_p, data_dir,
+                  out_dir, regrade)
     t0 = time.time()
-    if todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc=f"{task}/{label}", disable=not progress, file=sys.stderr)
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, concurrency))
-        futs = {pool.submit(_sample, endpoint, body_for(it, s), request_timeout): (it, s) for it, s in todo}
-        try:
-            with open(partial, "a") as f:
-                for fut in cf.as_completed(futs):
-                    it, s = futs[fut]
-                    try:
-                        res = fut.result()
-                    except FatalRequestError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - counted, the pair is retried on resume
-                        errors.append(f"q{it['qid']}/s{s}: {type(e).__name__}: {e}"[:300])
-                        bar.update(1)
-                        continue
-                    rec = {"qid": it["qid"], "sample": s, "source_id": it["source_id"],
-                           "prompt_sha": prompt_sha[it["qid"]], "config_key": config_key,
-                           "gold": it["gold"], **res}
-                    rec["correct"], rec["extracted"] = grade(_graded_text(rec), it["gold"], kind)
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    done[(it["qid"], s)] = rec
-                    bar.update(1)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-    elapsed = time.time() - t0
-
-    stats = summarize(items, done, n)
-    notes = [x for x in (note, SMALL_MODEL_NOTE if "smollm2-135m" in model.lower() else None) if x]
-    summary = {
-        "task": task, "label": label, "endpoint": endpoint, "model": model,
-        **{k: v for k, v in stats.items() if k != "per_question"},
-        "n_per_question": n, "limit": limit, "levels": sorted(levels) if levels else None,
-        "max_tokens": max_tokens, "temperature": temperature,
-        "top_p": top_p, "vase": vase, "seed": seed, "concurrency": concurrency,
-        "new_requests": len(todo) - len(errors), "resumed_samples": resumed, "n_errors": len(errors),
-        "errors": errors[:20], "complete": stats["n_samples"] == len(items) * n,
-        "runtime_s_this_call": round(elapsed, 2),
-        "partial_file": _rel(partial), "config_key": config_key,
-        "note": "; ".join(notes) or None, "machine": machine_info(), "per_question": stats["per_question"],
-    }
-    _write_json(out_dir / f"accuracy_{task}_{label}.json", summary)
+    new, errors = execute(endpoint, [(job, it, s) for it, s in job.todo()], concurrency, request_timeout, progress,
+                          desc=f"{task}/{job.label}")
+    summary = job_summary(job, endpoint, len(new), errors, time.time() - t0, note, limit, levels, concurrency)
+    _write_json(out_dir / f"accuracy_{task}_{job.label}.json", summary)
     if plot:
-        plot_bars([summary], out_dir / f"accuracy_{task}_{label}.png", task)
+        plot_bars([summary], out_dir / f"accuracy_{task}_{job.label}.png", task)
     return summary
 
 

@@ -1,0 +1,110 @@
+"""benchmarks/accuracy_grid.py and accuracy_stats.py: the grid's system specs, its paired
+differences and loop measure, and one small grid end to end (phases, eviction seeds, resume, the
+report) against a real sglang-vase server it starts on the embedded SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+import accuracy
+import accuracy_grid
+import accuracy_stats
+from accuracy_grid import System
+
+DATA_OK = (accuracy.DEFAULT_DATA_DIR / "math.jsonl").exists()
+
+
+def test_parse_systems():
+    systems = accuracy_grid.parse_systems("full:4, vase@128:4,snapkv@64:2")
+    assert systems == [System("full", None, 4), System("vase", 128, 4), System("snapkv", 64, 2)]
+    assert systems[0].label("m") == "m-full" and systems[1].label("m") == "m-vase-b128"
+    assert systems[0].vase(32) is False
+    assert systems[1].vase(32) == {"policy": "vase", "budget": 128, "window": 32}
+    for bad in ("vase:4", "full@128:4", "vase@128", "vase@128:4,vase@128:2", "Vase@1:1"):
+        with pytest.raises(ValueError, match="--systems"):
+            accuracy_grid.parse_systems(bad)
+
+
+def test_pool_holds_full_length_requests():
+    assert accuracy_grid.pool_tokens(longest_prompt=250, max_tokens=2048, requests=8) == 8 * 2298
+
+
+def _recs(pass_by_q: dict[str, list[bool]]) -> list[dict]:
+    return [{"qid": q, "sample": i, "correct": c} for q, cs in pass_by_q.items() for i, c in enumerate(cs)]
+
+
+def test_paired_difference_matches_a_hand_computation():
+    ref = _recs({"0": [True, True], "1": [True, False], "2": [False, False], "9": [True]})
+    sys_ = _recs({"0": [True], "1": [False], "2": [True], "3": [True]})  # 3 and 9 are not shared
+    d = accuracy_stats.paired_difference(sys_, ref)
+    diffs = [0.0, -0.5, 1.0]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2 / 3)
+    assert d["n_questions"] == 3
+    assert d["diff"] == pytest.approx(mean) and d["se"] == pytest.approx(se)
+    assert d["ci95"] == pytest.approx([mean - 1.96 * se, mean + 1.96 * se])
+    same = accuracy_stats.paired_difference(ref, ref)
+    assert same["diff"] == 0.0 and same["se"] == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loops_are_told_from_solutions(seed):
+    rng = random.Random(seed)
+    solution = [rng.randrange(30000) for _ in range(600)]
+    assert not accuracy_stats.is_loop(solution)
+    # a solution that quotes one 40-token formula twice is still not a loop
+    formula = solution[100:140]
+    assert not accuracy_stats.is_loop(solution[:300] + formula + solution[300:])
+    cycle = [rng.randrange(30000) for _ in range(rng.randrange(20, 120))]
+    looping = solution[:200] + cycle * (1400 // len(cycle))
+    assert accuracy_stats.is_loop(looping)
+    assert accuracy_stats.repeated_share(cycle * 10) == 1.0
+    assert not accuracy_stats.is_loop(cycle[:10] * 5)  # under min_tokens: too short to call
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_OK, reason="reasoning data not found")
+def test_grid_end_to_end_and_resume(tmp_path, monkeypatch):
+    """Two systems on one server it starts: phases in turn per block, the sample's seed as the
+    eviction seed, evictions in the records, a resume that asks nothing, and the report."""
+    from sglang_vase.models import default_model_dir
+
+    calls = []
+    real_post = accuracy.post_chat
+
+    def spy(endpoint, body, timeout):
+        calls.append(body)
+        return real_post(endpoint, body, timeout)
+
+    monkeypatch.setattr(accuracy, "post_chat", spy)
+    argv = ["--model-path", str(default_model_dir()), "--tag", "t", "--systems", "full:1,vase@16:2",
+            "--limit", "3", "--block", "2", "--max-tokens", "48", "--window", "8", "--concurrency", "4",
+            "--out-dir", str(tmp_path)]
+    result = accuracy_grid.main(argv)
+    assert len(calls) == 3 * 1 + 3 * 2
+    assert all((b["temperature"], b["top_p"], b["max_tokens"], b["n"]) == (0.6, 0.95, 48, 1) for b in calls)
+    vase_calls = [b for b in calls if b["custom_params"]["vase"] is not False]
+    assert all(b["custom_params"]["vase"]["seed"] == b["seed"] for b in vase_calls)
+    assert {b["custom_params"]["vase"]["policy"] for b in vase_calls} == {"vase"}
+    phases = [json.loads(x) for x in (tmp_path / "partial" / "accuracy_grid_t_phases.jsonl").read_text().splitlines()]
+    assert [(p["block"], p["label"]) for p in phases] == [(0, "t-full"), (0, "t-vase-b16"), (1, "t-full"),
+                                                         (1, "t-vase-b16")]
+    assert [p["requests"] for p in phases] == [2, 4, 1, 2]
+    assert all(p["finished"] == p["requests"] and p["output_tokens"] > 0 and p["max_running"] >= 1 for p in phases)
+    assert phases[0]["pool_tokens"] % 8 == 0
+    full, vase = result["rows"]
+    assert (full["n_samples"], vase["n_samples"]) == (3, 6)
+    assert vase["evicting_samples"] > 0 and full["evicting_samples"] == 0
+    assert vase["vs_full"]["n_questions"] == 3 and "vs_full" not in full
+    assert vase["served"]["phases"] == 2 and vase["served"]["output_tok_s"] > 0
+    assert "| vase | 16 |" in result["table"]
+    assert all((tmp_path / p).exists() if not p.startswith("/") else True for p in result["plots"])
+
+    calls.clear()
+    again = accuracy_grid.main(argv)  # resumes: nothing left to ask, no server started
+    assert calls == [] and again["rows"][1]["n_samples"] == 6
+    assert len((tmp_path / "partial" / "accuracy_grid_t_phases.jsonl").read_text().splitlines()) == 4
