@@ -121,12 +121,23 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.jsonl")
 
 
+def _same_settings(a: dict, b: dict) -> bool:
+    """Equal configs, the policies' order aside (the rows are named by policy)."""
+    return {**a, "policies": sorted(a.get("policies", []))} == {**b, "policies": sorted(b.get("policies", []))}
+
+
 def _load_partial(path: Path, config: dict) -> dict[int, dict]:
-    """The prompts an interrupted run of the same settings finished, by index (none if it differs)."""
+    """The prompts an interrupted run of the same settings finished, by index. A file holding
+    finished prompts of other settings is refused, never overwritten: hours of replay are in it."""
     if not path.exists():
         return {}
     lines = path.read_text().splitlines()
-    if not lines or json.loads(lines[0]).get("config") != config:
+    saved = json.loads(lines[0]).get("config") if lines else None
+    if saved is None or not _same_settings(saved, config):
+        if len(lines) > 1:
+            differ = sorted(k for k in set(saved or {}) | set(config) if (saved or {}).get(k) != config.get(k))
+            raise SystemExit(f"{path} holds {len(lines) - 1} finished prompt(s) of other settings (differing: "
+                             f"{differ}); resume with those settings, or move the file away to start over")
         return {}
     done = {}
     for line in lines[1:]:

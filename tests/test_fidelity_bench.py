@@ -150,13 +150,21 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
     first = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
     assert [r["index"] for r in first] == [0]
 
+    saved = partial.read_text()
+    other = ["--quick", "--threads", "1", "--policies", "vase", "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"other settings \(differing: \['policies'"):
+        fidelity.main(other)  # refused: the finished prompt is kept, not overwritten
+    assert partial.read_text() == saved
+
+    reordered = ["--quick", "--threads", "1", "--policies", "snapkv,vase", "--out", str(out)]
     with monkeypatch.context() as m:
         m.setattr(fidelity_replay, "replay_prompt", interrupted)  # must not be needed
-        data = fidelity.main(argv)
+        data = fidelity.main(reordered)  # the same settings: the policies' order does not matter
     assert sorted(map(json.dumps, data["replay_runs"])) == sorted(map(json.dumps, first[0]["runs"]))
     assert data["prompts"][0]["continuation_text"] == first[0]["prompt"]["continuation_text"]
     assert out.exists() and not partial.exists()
-    assert fidelity.main(argv)["replay_runs"] == data["replay_runs"]  # a fresh run computes the same rows
+    fresh = fidelity.main(argv)["replay_runs"]  # a fresh run computes the same rows
+    assert sorted(map(json.dumps, fresh)) == sorted(map(json.dumps, data["replay_runs"]))
 
 
 def test_quick_run(tmp_path):
