@@ -82,11 +82,11 @@ def test_grid_end_to_end_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "post_chat", spy)
     argv = ["--model-path", str(default_model_dir()), "--tag", "t", "--systems", "full:1,vase@16:2",
-            "--limit", "3", "--block", "2", "--max-tokens", "48", "--window", "8", "--concurrency", "4",
+            "--limit", "3", "--block", "2", "--max-tokens", "40", "--window", "8", "--concurrency", "6",
             "--out-dir", str(tmp_path)]
     result = accuracy_grid.main(argv)
     assert len(calls) == 3 * 1 + 3 * 2
-    assert all((b["temperature"], b["top_p"], b["max_tokens"], b["n"]) == (0.6, 0.95, 48, 1) for b in calls)
+    assert all((b["temperature"], b["top_p"], b["max_tokens"], b["n"]) == (0.6, 0.95, 40, 1) for b in calls)
     vase_calls = [b for b in calls if b["custom_params"]["vase"] is not False]
     assert all(b["custom_params"]["vase"]["seed"] == b["seed"] for b in vase_calls)
     assert {b["custom_params"]["vase"]["policy"] for b in vase_calls} == {"vase"}

@@ -4,12 +4,14 @@ under SGLang's strict memory checks."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 import requests
 
+from sglang_vase.config import DEFAULT_WORKSPACE_MB
 from sglang_vase.engine.hooks import FAULT_ENV
 from sglang_vase.engine.geometry import Geometry
 from sglang_vase.serving import Server
@@ -123,6 +125,18 @@ def test_final_stats_count_every_eviction(server, output):
     prompt = meta["prompt_tokens"]
     assert meta["vase"]["evictions"] == Geometry(BUDGET, WINDOW).evictions_in(prompt, output), meta["vase"]
     assert meta["vase"]["peak_kv_len"] <= max(prompt, BUDGET) + WINDOW
+
+
+def test_max_running_requests_caps_the_ring_memory_charged_to_the_kv_budget(server):
+    """16 running requests need 16 ring rows: the budget the ring would take for a row per B + R
+    tokens of the pool goes to the pool instead (the log shows what was charged)."""
+    m = re.search(r"KV budget [0-9.]+ GiB -> [0-9.]+ GiB for the pool \(\d+ tokens\), ([0-9.]+) MiB for the query "
+                  r"ring \(at most (\d+) rows \+ 1 scratch\)", server.log())
+    assert m, server.log()[:5000]
+    assert int(m[2]) == 16
+    ring = re.search(r"query ring 16 rows \+ 1 scratch .* = ([0-9.]+) MiB", server.log())
+    assert ring, server.log()[:5000]
+    assert float(m[1]) == pytest.approx(DEFAULT_WORKSPACE_MB + float(ring[1]), abs=0.2)
 
 
 def test_query_ring_rows_gate_only_requests_that_can_evict():

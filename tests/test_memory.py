@@ -69,6 +69,12 @@ def test_shape_and_plan_arithmetic(tmp_path):
     tokens = plan.pool_tokens(budget, shape.kv_cell_bytes())
     rows = plan.rows_for(tokens, 10**6)
     assert tokens * shape.kv_cell_bytes() + plan.ring_bytes(rows) + plan.workspace_bytes <= budget
+    # --max-running-requests caps the rows charged: the budget they would have taken buys tokens.
+    capped = plan.pool_tokens(budget, shape.kv_cell_bytes(), max_rows=8)
+    assert capped > tokens and plan.rows_for(capped, 8) == 8
+    assert capped * shape.kv_cell_bytes() + plan.ring_bytes(8) + plan.workspace_bytes <= budget
+    assert (capped + 1) * shape.kv_cell_bytes() + plan.ring_bytes(8) + plan.workspace_bytes > budget
+    assert plan.pool_tokens(budget, shape.kv_cell_bytes(), max_rows=10**6) == tokens  # a cap that never binds
     # A fixed --vase-ring-rows is charged whole; rows never exceed the running requests.
     fixed = VaseParams(budget=128, window=32, ring_rows=3).memory_plan(shape)
     assert fixed.rows_for(10**6, 100) == 3 and fixed.rows_for(10**6, 2) == 2

@@ -4,7 +4,8 @@ Two buffers live outside SGLang's pool:
 - the query ring (``engine.ring``): ``L x R x H_q x D`` model-dtype values per ring row. Only
   a request that can reach its trigger holds a row, and a pool of T tokens holds at most
   T // (B + R) of them at the server's budget B, so the ring gets that many rows (capped by
-  ``--max-running-requests``; ``--vase-ring-rows`` overrides) plus one scratch row;
+  ``--max-running-requests``, which then caps what is charged too; ``--vase-ring-rows``
+  overrides) plus one scratch row;
 - the eviction workspace (``evictor``): the bound on an eviction round's transient memory.
 
 Both are charged to the KV budget before the pool's token count is computed: with cell = KV bytes
@@ -63,9 +64,16 @@ class Plan:
         """The ring's share per pool token when its rows follow the pool (T // (B + R) rows)."""
         return 0.0 if self.ring_rows is not None else self.ring_row_bytes / (self.budget + self.window)
 
-    def pool_tokens(self, kv_budget_bytes: int, cell_bytes: int) -> int:
-        """Tokens a KV budget buys once the eviction's buffers are charged to it."""
-        return max(0, int((kv_budget_bytes - self.fixed_bytes()) // (cell_bytes + self.per_token_bytes())))
+    def pool_tokens(self, kv_budget_bytes: int, cell_bytes: int, max_rows: int | None = None) -> int:
+        """Tokens a KV budget buys once the eviction's buffers are charged to it. ``max_rows`` (the
+        user's --max-running-requests per worker) caps the rows the ring will get: once the pool
+        holds more than that many requests at B + R, only those rows are charged and the rest of
+        the budget buys tokens."""
+        free = kv_budget_bytes - self.fixed_bytes()
+        tokens = int(free // (cell_bytes + self.per_token_bytes()))
+        if self.ring_rows is None and max_rows is not None and tokens // (self.budget + self.window) > max_rows:
+            tokens = int((free - max_rows * self.ring_row_bytes) // cell_bytes)
+        return max(0, tokens)
 
     def rows_for(self, pool_tokens: int, max_running_requests: int) -> int:
         """Ring rows for a pool of ``pool_tokens`` (at most one per running request)."""
