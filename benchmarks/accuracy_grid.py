@@ -94,12 +94,16 @@ def start_server(args, systems: list[System], pool: int):
     return Server(flags, log_path=log, timeout=900)
 
 
-def longest_prompt_tokens(model_path: str, items: list[dict]) -> int:
+def _tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
     from sglang_vase.models import resolve_model
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(model_path))
+    return AutoTokenizer.from_pretrained(resolve_model(model_path))
+
+
+def longest_prompt_tokens(model_path: str, items: list[dict]) -> int:
+    tok = _tokenizer(model_path)
     return max(len(chat_ids(tok, it["prompt"])) for it in items)
 
 
@@ -144,14 +148,6 @@ def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[Syst
 
 
 # -------------------------------------------------------------------------------------- report
-
-
-def _tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    from sglang_vase.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(model_path))
 
 
 def system_row(system: System, job: accuracy.Job, full: accuracy.Job | None, phases: list[dict], tok,
