@@ -422,7 +422,6 @@ def execute(endpoint: str, work: list[tuple[Job, dict, int]], concurrency: int,
     bar = tqdm(total=len(work), desc=desc, disable=not progress, file=sys.stderr)
     pool = cf.ThreadPoolExecutor(max_workers=max(1, concurrency))
     futs = {pool.submit(_sample, endpoint, job.request(it, s), request_timeout): (job, it, s) for job, it, s in work}
-    files = {}
     try:
         for fut in cf.as_completed(futs):
             job, it, s = futs[fut]
@@ -435,17 +434,22 @@ def execute(endpoint: str, work: list[tuple[Job, dict, int]], concurrency: int,
                 errors.append(f"{job.label} q{it['qid']}/s{s}: {type(e).__name__}: {e}"[:300])
                 continue
             rec = job.record(it, s, res)
-            if job.partial not in files:
-                files[job.partial] = open(job.partial, "a")
-            files[job.partial].write(json.dumps(rec) + "\n")
-            files[job.partial].flush()
+            append_line(job.partial, rec)
             new.append(rec)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        for f in files.values():
-            f.close()
     return new, errors
+
+
+def append_line(path: Path, obj) -> None:
+    """Append ``obj`` as one JSON line in a single write: processes appending to the same file (an
+    accuracy grid in shards) never interleave their lines."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def job_summary(job: Job, endpoint: str, new: int = 0, errors: list[str] | None = None, elapsed: float = 0.0,

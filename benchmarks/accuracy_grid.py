@@ -12,7 +12,8 @@ prompt + --max-tokens each), whatever the system; eviction lets more requests in
 The work runs in phases: a block of ``--block`` questions for one system at a time, systems in
 turn, blocks in question order, so an interrupted grid covers the same first questions for
 every system, and every phase measures one system's served throughput (output tokens / wall,
-running requests and retractions from the server's decode log). Samples land in
+running requests and retractions from the server's decode log). ``--shard K/N`` runs every N-th
+block from K, so N processes pinned to their own cores share the work and its files. Samples land in
 ``results/partial/accuracy_<task>_<label>.jsonl`` (resumed by any later run with the same
 settings), phases in ``results/partial/accuracy_grid_<tag>_phases.jsonl``.
 
@@ -90,7 +91,9 @@ def start_server(args, systems: list[System], pool: int):
     flags = ["--model-path", args.model_path, "--max-total-tokens", str(pool),
              "--max-running-requests", str(args.concurrency), "--vase-budget", str(budget),
              "--vase-window", str(args.window), "--decode-log-interval", "1"]
-    log = Path(args.out_dir) / "partial" / f"accuracy_grid_{args.tag}_server.log"
+    shard, shards = args.shard
+    suffix = f"_shard{shard}of{shards}" if shards > 1 else ""
+    log = Path(args.out_dir) / "partial" / f"accuracy_grid_{args.tag}_server{suffix}.log"
     return Server(flags, log_path=log, timeout=900)
 
 
@@ -122,7 +125,10 @@ def phase_stats(server, start: int) -> dict:
 def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[System, accuracy.Job],
              phases_path: Path, pool: int | None) -> None:
     qids = [it["qid"] for it in next(iter(jobs.values())).items]
+    shard, shards = args.shard
     for b in range(0, len(qids), args.block):
+        if (b // args.block) % shards != shard:
+            continue
         block = set(qids[b:b + args.block])
         for system in systems:
             job = jobs[system]
@@ -138,10 +144,10 @@ def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[Syst
                      "requests": len(work), "finished": len(new), "errors": errors[:5],
                      "output_tokens": tokens, "wall_s": round(wall, 2),
                      "output_tok_s": round(tokens / wall, 3) if wall > 0 else None,
-                     "pool_tokens": pool, "concurrency": args.concurrency, **phase_stats(server, start),
+                     "pool_tokens": pool, "concurrency": args.concurrency, "shard": f"{shard}/{shards}",
+                     **phase_stats(server, start),
                      "commit": machine_info()["commit"], "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            with open(phases_path, "a") as f:
-                f.write(json.dumps(phase) + "\n")
+            accuracy.append_line(phases_path, phase)
             print(f"[grid] block {phase['block']} {job.label}: {len(new)}/{len(work)} samples, "
                   f"{tokens} tokens in {wall:.0f}s ({phase['output_tok_s']} tok/s), "
                   f"running max {phase.get('max_running')}, retractions {phase.get('retractions')}", flush=True)
@@ -280,6 +286,13 @@ def report(args, systems: list[System], jobs: dict[System, accuracy.Job], phases
 # ----------------------------------------------------------------------------------------- CLI
 
 
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    if not sep or not k.isdigit() or not n.isdigit() or not 0 <= int(k) < int(n):
+        raise argparse.ArgumentTypeError(f"--shard: K/N with 0 <= K < N, got {text!r}")
+    return int(k), int(n)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,6 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--pool-requests", type=int, default=8, help="the KV pool holds this many full-length requests")
     p.add_argument("--block", type=int, default=8, help="questions per phase")
+    p.add_argument("--shard", type=_shard, default=(0, 1),
+                   help="K/N: run blocks K, K+N, ... only (N processes, each with its own server and cores, "
+                        "share one grid's files)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)

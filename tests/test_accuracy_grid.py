@@ -29,6 +29,35 @@ def test_parse_systems():
             accuracy_grid.parse_systems(bad)
 
 
+def test_shard_argument():
+    assert accuracy_grid.parse_args(["--model-path", "m", "--tag", "t", "--systems", "full:1"]).shard == (0, 1)
+    assert accuracy_grid.parse_args(["--model-path", "m", "--tag", "t", "--systems", "full:1",
+                                     "--shard", "1/2"]).shard == (1, 2)
+    for bad in ("2/2", "1", "a/2", "-1/2"):
+        with pytest.raises(SystemExit):
+            accuracy_grid.parse_args(["--model-path", "m", "--tag", "t", "--systems", "full:1", "--shard", bad])
+
+
+def test_appends_from_several_processes_keep_whole_lines(tmp_path):
+    """Two grid shards append to the same partial file: every line stays whole (one write each)."""
+    import multiprocessing as mp
+
+    path = tmp_path / "p.jsonl"
+    text = "x" * 20000  # longer than a buffered writer's chunk
+    procs = [mp.get_context("fork").Process(target=_append_many, args=(path, i, text)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 * 50 and all(json.loads(x)["content"] == text for x in lines)
+
+
+def _append_many(path, who, text):
+    for i in range(50):
+        accuracy.append_line(path, {"who": who, "i": i, "content": text})
+
+
 def test_pool_holds_full_length_requests():
     assert accuracy_grid.pool_tokens(longest_prompt=250, max_tokens=2048, requests=8) == 8 * 2298
 
