@@ -9,7 +9,8 @@ stochastic policy draws its eviction with the sample's seed, so a rerun draws th
 Equal memory: the server's KV pool holds ``--pool-requests`` (8) full-length requests (longest
 prompt + --max-tokens each), whatever the system; eviction lets more requests into it.
 
-The work runs in phases: a block of ``--block`` questions for one system at a time, systems in
+The work runs in phases: a block of ``--block`` questions for one system at a time (more for a
+system with fewer samples per question, so every phase sends about as many requests), systems in
 turn, blocks in question order, so an interrupted grid covers the same first questions for
 every system, and every phase measures one system's served throughput (output tokens / wall,
 running requests and retractions from the server's decode log). ``--shard K/N`` runs every N-th
@@ -122,15 +123,23 @@ def phase_stats(server, start: int) -> dict:
             "retractions": sum(e["n"] for e in retracts), "peak_kv_tokens": max((s["tokens"] for s in steps), default=0)}
 
 
+def spans(systems: list[System], block: int) -> dict[System, int]:
+    """Questions per phase of each system: ``block`` for those with the most samples per question,
+    proportionally more for the others, so that every phase sends about as many requests."""
+    most = max(s.n for s in systems)
+    return {s: block * max(1, most // s.n) for s in systems}
+
+
 def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[System, accuracy.Job],
              phases_path: Path, pool: int | None) -> None:
     qids = [it["qid"] for it in next(iter(jobs.values())).items]
     shard, shards = args.shard
+    span = spans(systems, args.block)
     for b in range(0, len(qids), args.block):
-        if (b // args.block) % shards != shard:
-            continue
-        block = set(qids[b:b + args.block])
         for system in systems:
+            if b % span[system] or (b // span[system]) % shards != shard:
+                continue
+            block = set(qids[b:b + span[system]])
             job = jobs[system]
             work = [(job, it, s) for it, s in job.todo(block)]
             if not work:

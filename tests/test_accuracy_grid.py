@@ -58,6 +58,11 @@ def _append_many(path, who, text):
         accuracy.append_line(path, {"who": who, "i": i, "content": text})
 
 
+def test_systems_with_fewer_samples_take_more_questions_per_phase():
+    systems = accuracy_grid.parse_systems("full:4,vase@128:4,rkv@128:2,h2o@128:1,random@128:3")
+    assert list(accuracy_grid.spans(systems, 8).values()) == [8, 8, 16, 32, 8]
+
+
 def test_pool_holds_full_length_requests():
     assert accuracy_grid.pool_tokens(longest_prompt=250, max_tokens=2048, requests=8) == 8 * 2298
 
@@ -120,20 +125,20 @@ def test_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     assert all(b["custom_params"]["vase"]["seed"] == b["seed"] for b in vase_calls)
     assert {b["custom_params"]["vase"]["policy"] for b in vase_calls} == {"vase"}
     phases = [json.loads(x) for x in (tmp_path / "partial" / "accuracy_grid_t_phases.jsonl").read_text().splitlines()]
-    assert [(p["block"], p["label"]) for p in phases] == [(0, "t-full"), (0, "t-vase-b16"), (1, "t-full"),
-                                                         (1, "t-vase-b16")]
-    assert [p["requests"] for p in phases] == [2, 4, 1, 2]
+    # full has 1 sample per question, vase 2: a phase of full covers two blocks (4 questions)
+    assert [(p["block"], p["label"]) for p in phases] == [(0, "t-full"), (0, "t-vase-b16"), (1, "t-vase-b16")]
+    assert [p["requests"] for p in phases] == [3, 4, 2]
     assert all(p["finished"] == p["requests"] and p["output_tokens"] > 0 and p["max_running"] >= 1 for p in phases)
     assert phases[0]["pool_tokens"] % 8 == 0
     full, vase = result["rows"]
     assert (full["n_samples"], vase["n_samples"]) == (3, 6)
     assert vase["evicting_samples"] > 0 and full["evicting_samples"] == 0
     assert vase["vs_full"]["n_questions"] == 3 and "vs_full" not in full
-    assert vase["served"]["phases"] == 2 and vase["served"]["output_tok_s"] > 0
+    assert vase["served"]["phases"] == 2 and vase["served"]["output_tok_s"] > 0 and full["served"]["phases"] == 1
     assert "| vase | 16 |" in result["table"]
     assert all((tmp_path / p).exists() if not p.startswith("/") else True for p in result["plots"])
 
     calls.clear()
     again = accuracy_grid.main(argv)  # resumes: nothing left to ask, no server started
     assert calls == [] and again["rows"][1]["n_samples"] == 6
-    assert len((tmp_path / "partial" / "accuracy_grid_t_phases.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "partial" / "accuracy_grid_t_phases.jsonl").read_text().splitlines()) == 3
