@@ -18,8 +18,10 @@ block from K, so N processes pinned to their own cores share the work and its fi
 ``results/partial/accuracy_<task>_<label>.jsonl`` (resumed by any later run with the same
 settings), phases in ``results/partial/accuracy_grid_<tag>_phases.jsonl``.
 
-``--report`` (also run at the end of a grid) reads those files only: per system pass@1 +- SE, the
-paired difference to the full cache with a 95% interval, mean output tokens, the share that hit
+``--report`` (also run at the end of a grid) reads those files only: per system pass@1 +- SE over
+the questions every started system has all its samples of (a partial grid compares like with
+like; each system's pass@1 over all it answered is in the JSON too), the paired difference to the
+full cache with a 95% interval, mean output tokens, the share that hit
 --max-tokens, the share that end in a repetition loop (benchmarks/accuracy_stats.py) with an
 example, and served tok/s; writes ``results/accuracy_grid_<tag>.json``, the markdown table, a plot
 of pass@1 against budget per policy and one of pass@1 against throughput at equal memory.
@@ -165,10 +167,21 @@ def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[Syst
 # -------------------------------------------------------------------------------------- report
 
 
+def common_questions(jobs: list[accuracy.Job]) -> set[str]:
+    """Questions every system (with any sample yet) has all its samples of: the table's pass@1s are
+    over these, so the systems of a partial grid are compared on the same questions."""
+    started = [j for j in jobs if j.done]
+    if not started:
+        return set()
+    return set.intersection(*({it["qid"] for it in j.items if all((it["qid"], s) in j.done for s in range(j.n))}
+                              for j in started))
+
+
 def system_row(system: System, job: accuracy.Job, full: accuracy.Job | None, phases: list[dict], tok,
-               full_sequence: float | None) -> dict:
-    recs = list(job.done.values())
-    s = accuracy.summarize(job.items, job.done, job.n)
+               full_sequence: float | None, common: set[str]) -> dict:
+    recs = [r for r in job.done.values() if r["qid"] in common]
+    s = accuracy.summarize([it for it in job.items if it["qid"] in common], job.done, job.n)
+    answered = accuracy.summarize(job.items, job.done, job.n)
     loops = []
     for r in recs:
         text = accuracy._graded_text(r)
@@ -179,12 +192,13 @@ def system_row(system: System, job: accuracy.Job, full: accuracy.Job | None, pha
            "compression": round(full_sequence / system.budget, 2) if system.budget and full_sequence else None,
            **{k: s[k] for k in ("pass@1", "se", "n_questions", "n_samples", "mean_output_tokens",
                                 "share_max_tokens", "share_no_answer")},
+           "answered": {k: answered[k] for k in ("pass@1", "se", "n_questions", "n_samples")},
            "share_loops": len(loops) / len(recs) if recs else float("nan"),
            "loop_example": (accuracy._graded_text(loops[0])[-600:] if loops else None),
            "evicting_samples": sum(bool(r.get("vase_stats") and r["vase_stats"].get("evictions")) for r in recs),
            "served": _served(mine)}
     if full is not None and job is not full:
-        row["vs_full"] = accuracy_stats.paired_difference(recs, list(full.done.values()))
+        row["vs_full"] = accuracy_stats.paired_difference(recs, [r for r in full.done.values() if r["qid"] in common])
     return row
 
 
@@ -217,7 +231,8 @@ def markdown(rows: list[dict]) -> str:
         d = r.get("vs_full")
         diff = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-"
         sv = r["served"] or {}
-        out.append(f"| {r['policy']} | {r['budget'] or '-'} | {_fmt(r['compression'], '.1f')}x | "
+        compression = f"{r['compression']:.1f}x" if r["compression"] else "-"
+        out.append(f"| {r['policy']} | {r['budget'] or '-'} | {compression} | "
                    f"{r['pass@1']:.3f} ± {r['se']:.3f} ({r['n_questions']} q × {r['n_per_question']}) | {diff} | "
                    f"{r['mean_output_tokens']:.0f} | {r['share_max_tokens']:.1%} | {r['share_loops']:.1%} | "
                    f"{_fmt(sv.get('output_tok_s'), '.1f')} | {sv.get('max_running', '-')} ({sv.get('mean_running', '-')}) "
@@ -275,14 +290,16 @@ def report(args, systems: list[System], jobs: dict[System, accuracy.Job], phases
         full_sequence = statistics.fmean((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
                                          for r in full.done.values())
     tok = _tokenizer(args.model_path)
-    rows = [system_row(s, jobs[s], full, phases, tok, full_sequence) for s in systems]
+    common = common_questions([jobs[s] for s in systems])
+    rows = [system_row(s, jobs[s], full, phases, tok, full_sequence, common) for s in systems if jobs[s].done]
     out = Path(args.out_dir) / f"accuracy_grid_{args.tag}.json"
     some = next(iter(jobs.values()))
     result = {"benchmark": "accuracy_grid", "task": args.task, "levels": args.levels, "model": some.model,
               "max_tokens": args.max_tokens, "window": args.window, "temperature": args.temperature,
               "top_p": args.top_p, "seed": args.seed, "full_mean_sequence_tokens": full_sequence,
+              "common_questions": len(common),
               "loop_definition": {"tail": accuracy_stats.LOOP_TAIL, "ngram": accuracy_stats.LOOP_NGRAM,
-                                  "cover": accuracy_stats.LOOP_COVER},
+                                  "times": accuracy_stats.LOOP_TIMES, "cover": accuracy_stats.LOOP_COVER},
               "machine": machine_info(), "rows": rows, "table": markdown(rows)}
     title = (f"{some.model}: {args.task} levels {args.levels}, T {args.temperature}, "
              f"max {args.max_tokens} tokens, R {args.window}")

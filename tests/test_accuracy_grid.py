@@ -93,11 +93,15 @@ def test_loops_are_told_from_solutions(seed):
     # a solution that quotes one 40-token formula twice is still not a loop
     formula = solution[100:140]
     assert not accuracy_stats.is_loop(solution[:300] + formula + solution[300:])
+    # nor one that writes a 200-token code block, then the block again with a line changed
+    code = solution[:200]
+    assert not accuracy_stats.is_loop(solution[200:300] + code + solution[300:350] + code[:150] + [7] + code[150:])
     cycle = [rng.randrange(30000) for _ in range(rng.randrange(20, 120))]
     looping = solution[:200] + cycle * (1400 // len(cycle))
     assert accuracy_stats.is_loop(looping)
     assert accuracy_stats.repeated_share(cycle * 10) == 1.0
-    assert not accuracy_stats.is_loop(cycle[:10] * 5)  # under min_tokens: too short to call
+    assert accuracy_stats.repeated_share(cycle * 2, ngram=len(cycle) // 2) == 0.0  # twice is not three times
+    assert not accuracy_stats.is_loop(cycle[:10] * 6)  # under min_tokens: too short to call
 
 
 @pytest.mark.slow
