@@ -303,7 +303,7 @@ def report(args, systems: list[System], jobs: dict[System, accuracy.Job], phases
               "machine": machine_info(), "rows": rows, "table": markdown(rows)}
     title = (f"{some.model}: {args.task} levels {args.levels}, T {args.temperature}, "
              f"max {args.max_tokens} tokens, R {args.window}")
-    result["plots"] = plot(rows, out, title)
+    result["plots"] = [accuracy._rel(Path(p)) for p in plot(rows, out, title)]
     accuracy._write_json(out, result)
     print(result["table"])
     return result
