@@ -39,11 +39,12 @@ import math
 import re
 import statistics
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import accuracy
 import accuracy_stats
-from common import RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, machine_info
+from common import RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, git_commit, machine_info
 from throughput import parse_log
 
 FULL = "full"
@@ -100,6 +101,7 @@ def start_server(args, systems: list[System], pool: int):
     return Server(flags, log_path=log, timeout=900)
 
 
+@lru_cache(maxsize=2)
 def _tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
@@ -157,7 +159,7 @@ def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[Syst
                      "output_tok_s": round(tokens / wall, 3) if wall > 0 else None,
                      "pool_tokens": pool, "concurrency": args.concurrency, "shard": f"{shard}/{shards}",
                      **phase_stats(server, start),
-                     "commit": machine_info()["commit"], "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                     "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
             accuracy.append_line(phases_path, phase)
             print(f"[grid] block {phase['block']} {job.label}: {len(new)}/{len(work)} samples, "
                   f"{tokens} tokens in {wall:.0f}s ({phase['output_tok_s']} tok/s), "
