@@ -9,12 +9,13 @@ stochastic policy draws its eviction with the sample's seed, so a rerun draws th
 Equal memory: the server's KV pool holds ``--pool-requests`` (8) full-length requests (longest
 prompt + --max-tokens each), whatever the system; eviction lets more requests into it.
 
-The work runs in phases: a block of ``--block`` questions for one system at a time (more for a
-system with fewer samples per question, so every phase sends about as many requests), systems in
-turn, blocks in question order, so an interrupted grid covers the same first questions for
-every system, and every phase measures one system's served throughput (output tokens / wall,
-running requests and retractions from the server's decode log). ``--shard K/N`` runs every N-th
-block from K, so N processes pinned to their own cores share the work and its files. Samples land in
+The work is cut in phases: a block of ``--block`` questions for one system (more for a system
+with fewer samples per question, so every phase sends about as many requests), systems in turn,
+blocks in question order, so an interrupted grid covers the same first questions for every
+system. Each system's first phase runs alone and measures its served throughput (output tokens /
+wall, running requests and retractions from the server's decode log); the remaining phases then
+run as one stream in that order with ``--concurrency`` requests in flight. ``--shard K/N`` runs every
+N-th block from K, so N processes pinned to their own cores share the work and its files. Samples land in
 ``results/partial/accuracy_<task>_<label>.jsonl`` (resumed by any later run with the same
 settings), phases in ``results/partial/accuracy_grid_<tag>_phases.jsonl``.
 
@@ -48,6 +49,7 @@ from common import RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, git_commit, machin
 from throughput import parse_log
 
 FULL = "full"
+STREAM = "stream"  # the phases file's label for the work streamed after the measured phases
 SYSTEM_RE = re.compile(r"^(?P<policy>[a-z0-9-]+)(?:@(?P<budget>\d+))?:(?P<n>\d+)$")
 
 
@@ -136,9 +138,14 @@ def spans(systems: list[System], block: int) -> dict[System, int]:
 
 def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[System, accuracy.Job],
              phases_path: Path, pool: int | None) -> None:
+    """Each system's first phase of work runs alone and is measured (the served tok/s at equal
+    memory); the rest runs as one stream in phase order, ``--concurrency`` requests always in
+    flight, so no phase waits on its slowest sample (a phase alone kept 4-10 of 32 running)."""
     qids = [it["qid"] for it in next(iter(jobs.values())).items]
     shard, shards = args.shard
     span = spans(systems, args.block)
+    measured = {p["label"] for p in _read_phases(phases_path)}
+    stream = []
     for b in range(0, len(qids), args.block):
         for system in systems:
             if b % span[system] or (b // span[system]) % shards != shard:
@@ -148,22 +155,41 @@ def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[Syst
             work = [(job, it, s) for it, s in job.todo(block)]
             if not work:
                 continue
-            start = server.log_offset() if server is not None else 0
-            t0 = time.time()
-            new, errors = accuracy.execute(endpoint, work, args.concurrency, progress=False)
-            wall = time.time() - t0
-            tokens = sum(r["completion_tokens"] or 0 for r in new)
-            phase = {"label": job.label, "block": b // args.block, "qids": sorted(block, key=int),
-                     "requests": len(work), "finished": len(new), "errors": errors[:5],
-                     "output_tokens": tokens, "wall_s": round(wall, 2),
-                     "output_tok_s": round(tokens / wall, 3) if wall > 0 else None,
-                     "pool_tokens": pool, "concurrency": args.concurrency, "shard": f"{shard}/{shards}",
-                     **phase_stats(server, start),
-                     "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if job.label in measured:
+                stream += work
+                continue
+            measured.add(job.label)
+            phase = _run_phase(args, endpoint, server, work, pool)
+            phase.update(label=job.label, block=b // args.block, qids=sorted(block, key=int))
             accuracy.append_line(phases_path, phase)
-            print(f"[grid] block {phase['block']} {job.label}: {len(new)}/{len(work)} samples, "
-                  f"{tokens} tokens in {wall:.0f}s ({phase['output_tok_s']} tok/s), "
+            print(f"[grid] block {phase['block']} {job.label}: {phase['finished']}/{len(work)} samples, "
+                  f"{phase['output_tokens']} tokens in {phase['wall_s']:.0f}s ({phase['output_tok_s']} tok/s), "
                   f"running max {phase.get('max_running')}, retractions {phase.get('retractions')}", flush=True)
+    if stream:
+        print(f"[grid] stream: {len(stream)} samples of {len({j.label for j, _, _ in stream})} systems", flush=True)
+        phase = _run_phase(args, endpoint, server, stream, pool, progress=True)
+        phase.update(label=STREAM, systems=sorted({j.label for j, _, _ in stream}))
+        accuracy.append_line(phases_path, phase)
+        print(f"[grid] stream: {phase['finished']}/{len(stream)} samples, {phase['output_tokens']} tokens in "
+              f"{phase['wall_s']:.0f}s ({phase['output_tok_s']} tok/s)", flush=True)
+
+
+def _run_phase(args, endpoint: str, server, work: list, pool: int | None, progress: bool = False) -> dict:
+    shard, shards = args.shard
+    start = server.log_offset() if server is not None else 0
+    t0 = time.time()
+    new, errors = accuracy.execute(endpoint, work, args.concurrency, progress=progress)
+    wall = time.time() - t0
+    tokens = sum(r["completion_tokens"] or 0 for r in new)
+    return {"requests": len(work), "finished": len(new), "errors": errors[:5],
+            "output_tokens": tokens, "wall_s": round(wall, 2),
+            "output_tok_s": round(tokens / wall, 3) if wall > 0 else None,
+            "pool_tokens": pool, "concurrency": args.concurrency, "shard": f"{shard}/{shards}",
+            **phase_stats(server, start), "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _read_phases(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 # -------------------------------------------------------------------------------------- report
@@ -284,7 +310,7 @@ def plot(rows: list[dict], out: Path, title: str) -> list[str]:
 
 
 def report(args, systems: list[System], jobs: dict[System, accuracy.Job], phases_path: Path) -> dict:
-    phases = [json.loads(x) for x in phases_path.read_text().splitlines() if x.strip()] if phases_path.exists() else []
+    phases = _read_phases(phases_path)
     full_sys = next((s for s in systems if s.policy == FULL), None)
     full = jobs.get(full_sys)
     full_sequence = None
