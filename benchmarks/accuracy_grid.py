@@ -12,7 +12,7 @@ prompt + --max-tokens each), whatever the system; eviction lets more requests in
 The work is cut in phases: a block of ``--block`` questions for one system (more for a system
 with fewer samples per question, so every phase sends about as many requests), systems in turn,
 blocks in question order, so an interrupted grid covers the same first questions for every
-system. Each system's first phase runs alone and measures its served throughput (output tokens /
+system. Each system's first whole phase runs alone and measures its served throughput (output tokens /
 wall, running requests and retractions from the server's decode log); the remaining phases then
 run as one stream in that order with ``--concurrency`` requests in flight. ``--shard K/N`` runs every
 N-th block from K, so N processes pinned to their own cores share the work and its files. Samples land in
@@ -136,39 +136,56 @@ def spans(systems: list[System], block: int) -> dict[System, int]:
     return {s: block * max(1, most // s.n) for s in systems}
 
 
+@dataclasses.dataclass
+class Phase:
+    system: System
+    block: int                              # index of its first block of --block questions
+    qids: list[str]
+    work: list[tuple[accuracy.Job, dict, int]]
+
+
+def plan(systems: list[System], jobs: dict[System, accuracy.Job], block_size: int, shard: tuple[int, int],
+         measured: set[str]) -> tuple[list[Phase], list[tuple[accuracy.Job, dict, int]]]:
+    """What is left of this shard's phases, in phase order, split into the phases to run alone and
+    measure (each system's first whole one, unless ``measured`` names its label already: a phase a
+    past run left partly done would run few requests) and the work to stream after them."""
+    qids = [it["qid"] for it in next(iter(jobs.values())).items]
+    k, shards = shard
+    span = spans(systems, block_size)
+    alone, stream, measured = [], [], set(measured)
+    for b in range(0, len(qids), block_size):
+        for system in systems:
+            if b % span[system] or (b // span[system]) % shards != k:
+                continue
+            block = qids[b:b + span[system]]
+            job = jobs[system]
+            work = [(job, it, s) for it, s in job.todo(set(block))]
+            if job.label in measured or len(work) < len(block) * job.n:
+                stream += work
+            else:
+                measured.add(job.label)
+                alone.append(Phase(system, b // block_size, sorted(block, key=int), work))
+    return alone, stream
+
+
 def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[System, accuracy.Job],
              phases_path: Path, pool: int | None) -> None:
-    """Each system's first phase of work runs alone and is measured (the served tok/s at equal
+    """Each system's first whole phase runs alone and is measured (the served tok/s at equal
     memory); the rest runs as one stream in phase order, ``--concurrency`` requests always in
     flight, so no phase waits on its slowest sample (a phase alone kept 4-10 of 32 running)."""
-    qids = [it["qid"] for it in next(iter(jobs.values())).items]
-    shard, shards = args.shard
-    span = spans(systems, args.block)
-    measured = {p["label"] for p in _read_phases(phases_path)}
-    stream = []
-    for b in range(0, len(qids), args.block):
-        for system in systems:
-            if b % span[system] or (b // span[system]) % shards != shard:
-                continue
-            block = set(qids[b:b + span[system]])
-            job = jobs[system]
-            work = [(job, it, s) for it, s in job.todo(block)]
-            if not work:
-                continue
-            if job.label in measured:
-                stream += work
-                continue
-            measured.add(job.label)
-            phase = _run_phase(args, endpoint, server, work, pool)
-            phase.update(label=job.label, block=b // args.block, qids=sorted(block, key=int))
-            accuracy.append_line(phases_path, phase)
-            print(f"[grid] block {phase['block']} {job.label}: {phase['finished']}/{len(work)} samples, "
-                  f"{phase['output_tokens']} tokens in {phase['wall_s']:.0f}s ({phase['output_tok_s']} tok/s), "
-                  f"running max {phase.get('max_running')}, retractions {phase.get('retractions')}", flush=True)
+    alone, stream = plan(systems, jobs, args.block, args.shard, {p["label"] for p in _read_phases(phases_path)})
+    for ph in alone:
+        phase = _run_phase(args, endpoint, server, ph.work, pool)
+        phase.update(label=jobs[ph.system].label, block=ph.block, qids=ph.qids)
+        accuracy.append_line(phases_path, phase)
+        print(f"[grid] block {phase['block']} {phase['label']}: {phase['finished']}/{len(ph.work)} samples, "
+              f"{phase['output_tokens']} tokens in {phase['wall_s']:.0f}s ({phase['output_tok_s']} tok/s), "
+              f"running max {phase.get('max_running')}, retractions {phase.get('retractions')}", flush=True)
     if stream:
-        print(f"[grid] stream: {len(stream)} samples of {len({j.label for j, _, _ in stream})} systems", flush=True)
+        labels = sorted({j.label for j, _, _ in stream})
+        print(f"[grid] stream: {len(stream)} samples of {len(labels)} systems", flush=True)
         phase = _run_phase(args, endpoint, server, stream, pool, progress=True)
-        phase.update(label=STREAM, systems=sorted({j.label for j, _, _ in stream}))
+        phase.update(label=STREAM, systems=labels)
         accuracy.append_line(phases_path, phase)
         print(f"[grid] stream: {phase['finished']}/{len(stream)} samples, {phase['output_tokens']} tokens in "
               f"{phase['wall_s']:.0f}s ({phase['output_tok_s']} tok/s)", flush=True)

@@ -64,6 +64,32 @@ def test_systems_with_fewer_samples_take_more_questions_per_phase():
     assert list(accuracy_grid.spans(systems, 8).values()) == [8, 8, 16, 32, 8]
 
 
+def _job(label: str, n: int, questions: int, done: set[tuple[str, int]] = frozenset()) -> accuracy.Job:
+    items = [{"qid": str(q), "prompt": f"p{q}", "gold": "1", "source_id": q} for q in range(questions)]
+    return accuracy.Job(label, "math", "m", items, n, {}, None, 0, None, Path("unused"), "k",
+                        {key: {} for key in done}, len(done))
+
+
+def test_plan_measures_each_systems_first_whole_phase_and_streams_the_rest():
+    full, vase, rkv = accuracy_grid.parse_systems("full:2,vase@64:2,rkv@64:1")
+    # full: a past run left block 0 partly done (q0 both samples, q1 one); vase untouched; rkv
+    # (1 sample: phases of 4 questions) measured by a past run
+    jobs = {full: _job("full", 2, 8, {("0", 0), ("0", 1), ("1", 0)}), vase: _job("vase", 2, 8), rkv: _job("rkv", 1, 8)}
+    alone, stream = accuracy_grid.plan([full, vase, rkv], jobs, 2, (0, 1), measured={"rkv"})
+    assert [(p.system.policy, p.block, p.qids) for p in alone] == [("vase", 0, ["0", "1"]), ("full", 1, ["2", "3"])]
+    assert [len(p.work) for p in alone] == [4, 4]
+    streamed = [(j.label, it["qid"], s) for j, it, s in stream]
+    assert streamed[:1] == [("full", "1", 1)]  # block 0's leftover, in phase order
+    assert ("rkv", "0", 0) in streamed and ("rkv", "4", 0) in streamed
+    assert len(streamed) == (1 + 4 * 2) + 6 * 2 + 8  # full: q1 s1 + q4-7; vase: q2-7; rkv: all
+    assert len(set(streamed)) == len(streamed)
+    assert not {("vase", q, s) for q in "01" for s in range(2)} & set(streamed)
+    # shard 1/2 plans the other blocks only
+    alone1, stream1 = accuracy_grid.plan([full, vase, rkv], jobs, 2, (1, 2), measured={"rkv"})
+    assert [(p.system.policy, p.block) for p in alone1] == [("full", 1), ("vase", 1)]
+    assert {it["qid"] for j, it, s in stream1 if j.label == "rkv"} == {"4", "5", "6", "7"}
+
+
 def test_pool_holds_full_length_requests():
     assert accuracy_grid.pool_tokens(longest_prompt=250, max_tokens=2048, requests=8) == 8 * 2298
 
