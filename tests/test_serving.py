@@ -1,9 +1,13 @@
 """The server starter survives a port that another process takes between our check and the bind
-(CI lost a 42-minute run to exactly that): it starts the service again on another port."""
+(CI lost a 42-minute run to exactly that): it starts the service again on another port. A service
+dies with the process that started it."""
 
+import os
 import socket
+import subprocess
 import sys
 import textwrap
+import time
 
 from sglang_vase import serving
 
@@ -48,3 +52,33 @@ def test_server_environment_changes_and_removals(monkeypatch):
     monkeypatch.setenv("VASE_TEST_DROPPED", "b")
     env = serving._environment({"VASE_TEST_DROPPED": None, "VASE_TEST_ADDED": "c"})
     assert env["VASE_TEST_KEPT"] == "a" and env["VASE_TEST_ADDED"] == "c" and "VASE_TEST_DROPPED" not in env
+
+
+def test_a_service_dies_with_the_process_that_started_it(tmp_path):
+    """Even a SIGKILLed parent leaves no service behind (an orphaned 1.5B server once pushed a long
+    run out of memory). SGLang's launcher takes its scheduler and detokenizer with it on SIGTERM
+    (checked by hand with the embedded model: the whole group gone 7 s after the parent)."""
+    starter = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from sglang_vase import serving
+        service = serving._Process([sys.executable, "-c", "import time; time.sleep(600)"], env={{}},
+                                   log_path={str(tmp_path / "s.log")!r}, wait=False, timeout=0)
+        print(service.proc.pid, flush=True)
+        import time; time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    os.kill(pid, 0)  # running
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # exited, its zombie awaits init
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"service {pid} outlived its parent")
