@@ -181,10 +181,11 @@ class Server(_Process):
             from sglang_vase.models import prepare_default_model
 
             cmd += ["--model-path", prepare_default_model()]
-        full_env = _environment({**(STRICT_MEMORY_ENV if strict_memory else {}), **(env or {})})
-        full_env.pop("TRITON_INTERPRET", None)  # serving on CPU uses the torch path, not the interpreter
+        # Not inherited (``env`` may still set them): a server runs the torch path on CPU, not the
+        # Triton interpreter a test process may have on; plain SGLang reads no eviction settings.
+        dropped = {"TRITON_INTERPRET": None, **({} if vase else {"SGLANG_VASE_CONFIG": None})}
+        full_env = _environment({**dropped, **(STRICT_MEMORY_ENV if strict_memory else {}), **(env or {})})
         if not vase:
-            full_env.pop("SGLANG_VASE_CONFIG", None)
             if cuda is None:
                 import torch
 

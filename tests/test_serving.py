@@ -54,6 +54,22 @@ def test_server_environment_changes_and_removals(monkeypatch):
     assert env["VASE_TEST_KEPT"] == "a" and env["VASE_TEST_ADDED"] == "c" and "VASE_TEST_DROPPED" not in env
 
 
+def test_servers_do_not_inherit_the_interpreter_or_eviction_settings_unless_asked(monkeypatch):
+    """The environment a Server starts with (the process start itself is what other tests run)."""
+    started = []
+    monkeypatch.setattr(serving._Process, "__init__", lambda self, cmd, env, *a: started.append(env))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SGLANG_VASE_CONFIG", "{}")
+    model = ["--model-path", "m"]
+    serving.Server(model)
+    serving.Server(model, vase=False, cuda=True)
+    serving.Server(model, env={"TRITON_INTERPRET": "1"})
+    vase, plain, asked = started
+    assert "TRITON_INTERPRET" not in vase and vase["SGLANG_VASE_CONFIG"] == "{}"
+    assert "TRITON_INTERPRET" not in plain and "SGLANG_VASE_CONFIG" not in plain
+    assert asked["TRITON_INTERPRET"] == "1"
+
+
 def test_a_service_dies_with_the_process_that_started_it(tmp_path):
     """Even a SIGKILLed parent leaves no service behind (an orphaned 1.5B server once pushed a long
     run out of memory). SGLang's launcher takes its scheduler and detokenizer with it on SIGTERM
