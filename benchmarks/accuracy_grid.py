@@ -168,12 +168,20 @@ def plan(systems: list[System], jobs: dict[System, accuracy.Job], block_size: in
     return alone, stream
 
 
+def measured_labels(phases: list[dict], pool: int | None, concurrency: int) -> set[str]:
+    """Systems a past phase measured at these settings, every request finished (the stream's
+    record names no system)."""
+    return {p["label"] for p in phases if p["label"] != STREAM and p["finished"] == p["requests"]
+            and (p["pool_tokens"], p["concurrency"]) == (pool, concurrency)}
+
+
 def run_grid(args, endpoint: str, server, systems: list[System], jobs: dict[System, accuracy.Job],
              phases_path: Path, pool: int | None) -> None:
     """Each system's first whole phase runs alone and is measured (the served tok/s at equal
     memory); the rest runs as one stream in phase order, ``--concurrency`` requests always in
     flight, so no phase waits on its slowest sample (a phase alone kept 4-10 of 32 running)."""
-    alone, stream = plan(systems, jobs, args.block, args.shard, {p["label"] for p in _read_phases(phases_path)})
+    measured = measured_labels(_read_phases(phases_path), pool, args.concurrency)
+    alone, stream = plan(systems, jobs, args.block, args.shard, measured)
     for ph in alone:
         phase = _run_phase(args, endpoint, server, ph.work, pool)
         phase.update(label=jobs[ph.system].label, block=ph.block, qids=ph.qids)
@@ -252,8 +260,8 @@ def _served(phases: list[dict]) -> dict | None:
         return None
     wall = sum(p["wall_s"] for p in phases)
     tokens = sum(p["output_tokens"] for p in phases)
-    return {"phases": len(phases), "output_tokens": tokens, "wall_s": round(wall, 1),
-            "output_tok_s": round(tokens / wall, 2) if wall else None,
+    return {"phases": len(phases), "blocks": [p["block"] for p in phases], "output_tokens": tokens,
+            "wall_s": round(wall, 1), "output_tok_s": round(tokens / wall, 2) if wall else None,
             "max_running": max((p.get("max_running") or 0 for p in phases), default=None),
             "mean_running": _mean([p.get("mean_running") for p in phases]),
             "retractions": sum(p.get("retractions") or 0 for p in phases)}

@@ -66,14 +66,24 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def _die_with_parent() -> None:
-    """Run in the child before exec (Linux): SIGTERM it when the thread that started it ends, the
-    process included, even by SIGKILL. A killed benchmark or test never leaves a server holding
-    gigabytes of KV pool behind (an orphaned 1.5B server once pushed a long run out of memory)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _pdeathsig():
+    """A callable the child runs before exec (Linux): SIGTERM it when the thread that started it
+    ends, the process included, even by SIGKILL. A killed benchmark or test never leaves a server
+    holding gigabytes of KV pool behind (an orphaned 1.5B server once pushed a long run out of
+    memory). Everything is looked up here, in the parent: the forked child of a threaded process
+    must not import or dlopen. A parent already gone by then would never signal: the child exits."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def child() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return child
 
 
 class _Process:
@@ -100,7 +110,7 @@ class _Process:
         self.cmd = [*self._base_cmd[:3], "--host", "127.0.0.1", "--port", str(self.port), *self._base_cmd[3:]]
         self._log_start = self.log_offset()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env,
-                                     cwd=tempfile.gettempdir(), start_new_session=True, preexec_fn=_die_with_parent)
+                                     cwd=tempfile.gettempdir(), start_new_session=True, preexec_fn=_pdeathsig())
 
     def _relaunch_if_port_taken(self) -> bool:
         """Another process can still bind the port between our check and the server's bind; the

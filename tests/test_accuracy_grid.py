@@ -90,6 +90,15 @@ def test_plan_measures_each_systems_first_whole_phase_and_streams_the_rest():
     assert {it["qid"] for j, it, s in stream1 if j.label == "rkv"} == {"4", "5", "6", "7"}
 
 
+def test_only_whole_phases_at_the_same_settings_count_as_measured():
+    def phase(label, finished=32, pool=1000, concurrency=32):
+        return {"label": label, "requests": 32, "finished": finished, "pool_tokens": pool, "concurrency": concurrency}
+
+    phases = [phase("a"), phase("b", finished=0), phase("c", pool=999), phase("d", concurrency=8),
+              {**phase("stream"), "systems": ["e"]}]
+    assert accuracy_grid.measured_labels(phases, 1000, 32) == {"a"}
+
+
 def test_pool_holds_full_length_requests():
     assert accuracy_grid.pool_tokens(longest_prompt=250, max_tokens=2048, requests=8) == 8 * 2298
 

@@ -91,10 +91,10 @@ def test_a_service_dies_with_the_process_that_started_it(tmp_path):
     deadline = time.time() + 20
     while time.time() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # exited, its zombie awaits init
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # exited, its zombie awaits init
+                return
+        except FileNotFoundError:
             return
         time.sleep(0.2)
+    os.kill(pid, 9)  # leave no orphan behind a failure
     raise AssertionError(f"service {pid} outlived its parent")
