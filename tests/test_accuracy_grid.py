@@ -143,8 +143,9 @@ def test_loops_are_told_from_solutions(seed):
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_OK, reason="reasoning data not found")
 def test_grid_end_to_end_and_resume(tmp_path, monkeypatch):
-    """Two systems on one server it starts: a measured first phase per system then the stream, the sample's seed as the
-    eviction seed, evictions in the records, a resume that asks nothing, and the report."""
+    """Two systems on one server it starts: a measured first phase per system then the stream, the
+    sample's seed as the eviction seed, evictions in the records, a resume that asks nothing, and
+    the report."""
     from sglang_vase.models import default_model_dir
 
     calls = []

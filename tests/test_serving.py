@@ -76,7 +76,6 @@ def test_a_service_dies_with_the_process_that_started_it(tmp_path):
     (checked by hand with the embedded model: the whole group gone 7 s after the parent)."""
     starter = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.getcwd()!r})
         from sglang_vase import serving
         service = serving._Process([sys.executable, "-c", "import time; time.sleep(600)"], env={{}},
                                    log_path={str(tmp_path / "s.log")!r}, wait=False, timeout=0)
