@@ -45,7 +45,7 @@ from pathlib import Path
 
 import accuracy
 import accuracy_stats
-from common import RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, git_commit, machine_info
+from common import RESULTS_DIR, TEMPERATURE, TOP_P, chat_ids, git_commit, machine_info, shard_arg
 from throughput import parse_log
 
 FULL = "full"
@@ -365,13 +365,6 @@ def report(args, systems: list[System], jobs: dict[System, accuracy.Job], phases
 # ----------------------------------------------------------------------------------------- CLI
 
 
-def _shard(text: str) -> tuple[int, int]:
-    k, sep, n = text.partition("/")
-    if not sep or not k.isdigit() or not n.isdigit() or not 0 <= int(k) < int(n):
-        raise argparse.ArgumentTypeError(f"--shard: K/N with 0 <= K < N, got {text!r}")
-    return int(k), int(n)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--pool-requests", type=int, default=8, help="the KV pool holds this many full-length requests")
     p.add_argument("--block", type=int, default=8, help="questions per phase")
-    p.add_argument("--shard", type=_shard, default=(0, 1),
+    p.add_argument("--shard", type=shard_arg, default=(0, 1),
                    help="K/N: run blocks K, K+N, ... only (N processes, each with its own server and cores, "
                         "share one grid's files)")
     p.add_argument("--concurrency", type=int, default=32)

@@ -1,8 +1,10 @@
 """What the benchmarks share: where data and results live, the math prompt and sampling settings,
-chat-formatted prompt ids, and the machine (and commit) a result was measured on."""
+chat-formatted prompt ids, the ``--shard`` argument, and the machine (and commit) a result was
+measured on."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -43,6 +45,14 @@ def chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
     if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
         ids = ids["input_ids"]
     return [int(t) for t in ids]
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """``--shard K/N`` (0 <= K < N): this process takes the K-th of every N units of work."""
+    k, sep, n = text.partition("/")
+    if not sep or not k.isdigit() or not n.isdigit() or not 0 <= int(k) < int(n):
+        raise argparse.ArgumentTypeError(f"--shard: K/N with 0 <= K < N, got {text!r}")
+    return int(k), int(n)
 
 
 def git_commit() -> str | None:

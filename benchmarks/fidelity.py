@@ -66,7 +66,8 @@ beyond seed noise when by more than two standard errors over seeds) on stdout an
 ``--render`` rebuilds those tables and the plots of an existing ``--out`` without running anything.
 Each prompt's replay is appended to ``<out>.partial.jsonl`` as it finishes; a run with the same
 settings (an interrupted one started again) takes the prompts found there and computes only the
-rest; the file is removed once ``--out`` is written.
+rest; the file is removed once ``--out`` is written. ``--shard K/N`` splits the prompts between N processes
+(a core each) that share that file; the last one to finish writes ``--out``.
 
 This file parses the arguments and runs the parts; the rest lives next to it: ``fidelity_configs.py``
 (prompts, budgets, policy specs, the configs), ``fidelity_replay.py`` (1), ``fidelity_engine.py``
@@ -96,7 +97,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA_DIR, RESULTS_DIR, TEMPERATURE, TOP_P, machine_info
+from common import DATA_DIR, RESULTS_DIR, TEMPERATURE, TOP_P, machine_info, shard_arg
 from fidelity_configs import (ORDERS, budget_for, build_policy, engine_configs, first_affected_row, is_stochastic,
                               load_prompts, make_configs, parse_policy_spec, row_order)
 from fidelity_engine import LOOP_MIN_COUNT, LOOP_NGRAM, TAIL_FRACTION, TAIL_MAX_PERIOD, TAIL_MIN_REPEATS, EngineRun
@@ -131,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--orders", default=None, help=f"kept orders, comma list of {ORDERS} (default both)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads of the replay (default: torch's)")
+    p.add_argument("--shard", type=shard_arg, default=(0, 1),
+                   help="K/N: replay only the prompts at positions K, K+N, ... (N processes share one run's "
+                        "per-prompt file; the last to finish writes --out)")
     p.add_argument("--engine", action="store_true", help="also run the free-generation (server) part")
     p.add_argument("--engine-prompts", type=int, default=None,
                    help="prompts for the free-generation part (default: --prompts; the first ones are shared)")
@@ -150,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.model_path and args.outlier_model:
         p.error("--model-path and --outlier-model exclude each other")
+    if args.shard[1] > 1 and (args.engine or args.update):
+        p.error("--shard splits the replay only: run --engine and --update unsharded")
     return args
 
 

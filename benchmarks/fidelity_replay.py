@@ -6,6 +6,7 @@ per-prompt file that lets an interrupted run resume."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -126,11 +127,12 @@ def _same_settings(a: dict, b: dict) -> bool:
     return {**a, "policies": sorted(a.get("policies", []))} == {**b, "policies": sorted(b.get("policies", []))}
 
 
-def _load_partial(path: Path, config: dict) -> dict[int, dict]:
-    """The prompts an interrupted run of the same settings finished, by index. A file holding
-    finished prompts of other settings is refused, never overwritten: hours of replay are in it."""
+def _load_partial(path: Path, config: dict) -> dict[int, dict] | None:
+    """The prompts an interrupted run of the same settings finished, by index; None when the file
+    is missing or holds only another settings' header. A file holding finished prompts of other
+    settings is refused, never overwritten: hours of replay are in it."""
     if not path.exists():
-        return {}
+        return None
     lines = path.read_text().splitlines()
     saved = json.loads(lines[0]).get("config") if lines else None
     if saved is None or not _same_settings(saved, config):
@@ -138,7 +140,7 @@ def _load_partial(path: Path, config: dict) -> dict[int, dict]:
             differ = sorted(k for k in set(saved or {}) | set(config) if (saved or {}).get(k) != config.get(k))
             raise SystemExit(f"{path} holds {len(lines) - 1} finished prompt(s) of other settings (differing: "
                              f"{differ}); resume with those settings, or move the file away to start over")
-        return {}
+        return None
     done = {}
     for line in lines[1:]:
         try:
@@ -149,33 +151,52 @@ def _load_partial(path: Path, config: dict) -> dict[int, dict]:
     return done
 
 
+def _append_record(path: Path, record: dict) -> None:
+    """One finished prompt as one line in ONE write on an append-mode descriptor: shards of a run
+    (``--shard``) append to the same file, and their lines must not interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def replay_part(args, model_path: str, prompts: list[dict], configs: list[dict], tokenizer, result: dict,
                 t_start: float, previous: dict | None = None) -> tuple[list[dict], list[list]]:
     """Reference continuations and every teacher-forced replay, prompt by prompt, in this process
     (``previous``: the results an ``--update`` merges into; its references must be these). Each
     finished prompt is appended to ``partial_path(--out)``; a run with the same settings takes the
-    prompts found there instead of computing them again (a long run resumes where it stopped)."""
+    prompts found there instead of computing them again (a long run resumes where it stopped).
+    ``--shard K/N`` computes only the prompts at positions K, K + N, ... and takes the others from
+    that file, written by the other shards; while any is missing there it stops (SystemExit) after
+    its own, and the last shard to finish (or any later run) writes the results."""
     from sglang_vase.reference.replay import generate, load_model
 
     model = load_model(model_path, getattr(torch, args.dtype))
     suppress = end_of_sequence_ids(tokenizer, model)
     result["config"]["suppressed_token_ids"] = suppress
-    runs, vranges = [], []
     timing = result.setdefault("timing", {"reference_seconds": 0.0, "replay_seconds": 0.0})
     partial = partial_path(Path(args.out))
     done = _load_partial(partial, result["config"])
-    if not done:
+    if done is None:
         partial.write_text(json.dumps({"config": result["config"]}) + "\n")
-    for p, rp in zip(prompts, result["prompts"]):
+        done = {}
+    shard, shards = getattr(args, "shard", (0, 1))
+    per_prompt: dict[int, tuple[list[dict], list[dict]]] = {}
+
+    def take(record: dict, rp: dict) -> None:
+        rp.update(record["prompt"])
+        per_prompt[record["index"]] = record["runs"], record["value_ranges"]
+        timing["reference_seconds"] += rp["reference_seconds"]
+        timing["replay_seconds"] += rp["replay_seconds"]
+        print(f"[fidelity] prompt {record['index']}: taken from {partial}", flush=True)
+
+    for position, (p, rp) in enumerate(zip(prompts, result["prompts"])):
         if p["index"] in done:
-            record = done[p["index"]]
-            rp.update(record["prompt"])
-            runs += record["runs"]
-            vranges.append(record["value_ranges"])
-            timing["reference_seconds"] += rp["reference_seconds"]
-            timing["replay_seconds"] += rp["replay_seconds"]
-            print(f"[fidelity] prompt {p['index']}: taken from {partial}", flush=True)
+            take(done[p["index"]], rp)
             continue
+        if position % shards != shard:
+            continue  # another shard's: taken from the file below once it is there
         t0 = time.time()
         tokens, step_logits = generate(model, p["input_ids"], args.cont_len, suppress_token_ids=suppress,
                                        return_logits=True)
@@ -185,15 +206,27 @@ def replay_part(args, model_path: str, prompts: list[dict], configs: list[dict],
             check_same_reference(previous, rp)
         prompt_runs, vrange, floor = replay_prompt(model, p, tokens, step_logits, configs, args.window)
         t2 = time.time()
-        runs += prompt_runs
-        vranges.append(vrange)
+        per_prompt[p["index"]] = prompt_runs, vrange
         rp.update(reference_seconds=t1 - t0, replay_seconds=t2 - t1, noise_floor_kl=floor)
         timing["reference_seconds"] += t1 - t0
         timing["replay_seconds"] += t2 - t1
-        with open(partial, "a") as f:
-            f.write(json.dumps({"index": p["index"], "prompt": {k: v for k, v in rp.items() if k != "index"},
-                                "runs": prompt_runs, "value_ranges": vrange}) + "\n")
+        _append_record(partial, {"index": p["index"], "prompt": {k: v for k, v in rp.items() if k != "index"},
+                                 "runs": prompt_runs, "value_ranges": vrange})
         print(f"[fidelity] prompt {p['index']}: reference {t1 - t0:.0f}s, {len(configs)} rows replayed in "
               f"{t2 - t1:.0f}s (elapsed {time.time() - t_start:.0f}s)", flush=True)
+
+    missing = [(p, rp) for p, rp in zip(prompts, result["prompts"]) if p["index"] not in per_prompt]
+    if missing:
+        done = _load_partial(partial, result["config"]) or {}
+        for p, rp in missing:
+            if p["index"] in done:
+                take(done[p["index"]], rp)
+        waiting = [p["index"] for p, _ in missing if p["index"] not in done]
+        if waiting:
+            raise SystemExit(f"[fidelity] shard {shard}/{shards} finished its prompts; prompts {waiting} are other "
+                             f"shards' and not in {partial} yet: the last shard to finish (or the same command "
+                             f"run again) writes {args.out}")
+    runs = [row for p in prompts for row in per_prompt[p["index"]][0]]
+    vranges = [per_prompt[p["index"]][1] for p in prompts]
     timing["replay_rows"] = len(runs)
     return runs, vranges

@@ -167,6 +167,29 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
     assert sorted(map(json.dumps, fresh)) == sorted(map(json.dumps, data["replay_runs"]))
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_OK, reason="shared/data/reasoning/math.jsonl not found")
+def test_shards_split_the_prompts_and_the_last_writes_the_results(tmp_path):
+    """Two shards share one per-prompt file: the first to finish stops naming the prompt it waits
+    for, the second takes the first's prompt from the file and writes the same results as one
+    unsharded run."""
+    out = tmp_path / "fidelity.json"
+    argv = ["--quick", "--prompts", "2", "--threads", "1", "--policies", "vase,snapkv", "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"shard 1/2 finished its prompts; prompts \[0\] are other shards'"):
+        fidelity.main(argv + ["--shard", "1/2"])
+    partial = fidelity_replay.partial_path(out)
+    assert [json.loads(line)["index"] for line in partial.read_text().splitlines()[1:]] == [1]
+    assert not out.exists()
+    sharded = fidelity.main(argv + ["--shard", "0/2"])
+    assert out.exists() and not partial.exists()
+    assert [p["index"] for p in sharded["prompts"]] == [0, 1]
+    whole = fidelity.main(argv + ["--out", str(tmp_path / "whole.json")])
+    for key in ("replay_runs", "results", "value_ranges"):
+        assert json.dumps(sharded[key]) == json.dumps(whole[key]), key
+    with pytest.raises(SystemExit):
+        fidelity.parse_args(argv + ["--shard", "0/2", "--engine"])  # the engine part is not sharded
+
+
 def test_quick_run(tmp_path):
     out = tmp_path / "fidelity.json"
     returned = fidelity.main(["--quick", "--engine", "--threads", "1", "--out", str(out)])
