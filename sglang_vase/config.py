@@ -7,6 +7,7 @@ requests)::
 
     {"vase": {"policy": "vase", "budget": 512, "window": 64, "n_large": 128, "seed": 7}}
     {"vase": {"keep_prompt": true}}                   # never evict the prompt; B counts generated tokens
+    {"vase": {"mode": "pressure"}}                   # keep the full cache until the pool runs short
     {"vase": false}                                   # this request keeps its full cache
 """
 
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
 ENV_VAR = "SGLANG_VASE_CONFIG"
 DEFAULT_WORKSPACE_MB = 256
 DISABLED = "none"
+# When a request evicts. static: every R tokens past B + R, whatever the load (the paper's schedule).
+# pressure: only when the KV pool runs short (engine.pressure), then every R tokens as static.
+MODES = ("static", "pressure")
 # Fields a request may set in custom_params["vase"]; sort_kept is a server-wide choice.
-REQUEST_FIELDS = ("policy", "budget", "window", "n_large", "seed", "keep_prompt")
+REQUEST_FIELDS = ("policy", "budget", "window", "n_large", "seed", "keep_prompt", "mode")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class VaseParams:
     # The paper's budget (False): B counts every token the request attends, prompt included. True: the
     # prompt is never evicted (it stays shared in the radix cache) and B counts generated tokens.
     keep_prompt: bool = False
+    mode: str = "static"  # MODES
     # Server-wide only (not settable per request):
     sort_kept: bool = False
     ring_rows: int | None = None  # query-ring rows; None: what the pool holds at this budget
@@ -89,6 +94,8 @@ class VaseParams:
         if self.ring_rows is not None and (isinstance(self.ring_rows, bool) or not isinstance(self.ring_rows, int)
                                            or self.ring_rows < 0):
             raise ValueError(f"vase ring_rows must be a non-negative integer, got {self.ring_rows!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"vase mode: unknown mode {self.mode!r}; choose one of {list(MODES)}")
         if not isinstance(self.keep_prompt, bool):
             raise ValueError(f"vase keep_prompt must be a boolean, got {self.keep_prompt!r}")
         if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb < 1:
@@ -142,8 +149,9 @@ def request_params(custom_params: dict | None, defaults: VaseParams) -> VasePara
         value = override.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"custom_params.vase.{name} must be an integer, got {value!r}")
-    if "policy" in override and not isinstance(override["policy"], str):
-        raise ValueError(f"custom_params.vase.policy must be a string, got {override['policy']!r}")
+    for name in ("policy", "mode"):
+        if name in override and not isinstance(override[name], str):
+            raise ValueError(f"custom_params.vase.{name} must be a string, got {override[name]!r}")
     merged = dataclasses.replace(defaults, **override)
     if merged.window > defaults.window:
         raise ValueError(

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from sglang_vase.config import DISABLED, ENV_VAR, VaseParams
+from sglang_vase.config import DISABLED, ENV_VAR, MODES, VaseParams
 from sglang_vase.models import NAMED_MODELS
 from sglang_vase.policies import POLICIES
 
@@ -76,6 +76,10 @@ def vase_parser() -> argparse.ArgumentParser:
     g.add_argument("--vase-keep-prompt", action="store_true",
                    help="never evict the prompt (it stays shared in the radix cache); B then counts generated "
                         "tokens: footprint prompt + B + R (default: the paper's, B counts every token)")
+    g.add_argument("--vase-mode", default=VaseParams.mode,
+                   help=f"{' or '.join(MODES)}: when requests evict: static = every R tokens past B + R (the paper's schedule); "
+                        "pressure = keep the full cache until the KV pool runs short, then evict the requests "
+                        "that free the most (a request never needs more than its static footprint)")
     g.add_argument("--vase-sort-kept", action="store_true",
                    help="store kept tokens in position order (default: [pinned, sampled], as the paper's code)")
     g.add_argument("--vase-ring-rows", type=int, default=None,
@@ -134,7 +138,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
     window = ns.vase_window if ns.vase_window is not None else (sized[1] if sized else VaseParams.window)
     params = VaseParams(
         policy=ns.vase_policy, budget=budget, window=window, n_large=ns.vase_n_large, seed=ns.vase_seed,
-        keep_prompt=ns.vase_keep_prompt, sort_kept=ns.vase_sort_kept, ring_rows=ns.vase_ring_rows, workspace_mb=ns.vase_workspace_mb,
+        keep_prompt=ns.vase_keep_prompt, mode=ns.vase_mode, sort_kept=ns.vase_sort_kept, ring_rows=ns.vase_ring_rows, workspace_mb=ns.vase_workspace_mb,
     )
     try:
         params.validate()
@@ -190,7 +194,7 @@ def prepare(argv: list[str], cuda_available: bool | None = None) -> tuple[VasePa
                          f"backend {backend} (added)")
         notes.append(f"eviction defaults: policy {params.policy}, --vase-budget {params.budget}, --vase-window "
                      f"{params.window}, --vase-n-large {params.n_large if params.n_large is not None else 'budget // 4'}, "
-                     f"--vase-seed {params.seed}, --vase-keep-prompt {params.keep_prompt}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
+                     f"--vase-seed {params.seed}, --vase-keep-prompt {params.keep_prompt}, --vase-mode {params.mode}, --vase-sort-kept {params.sort_kept}, --vase-ring-rows "
                      f"{params.ring_rows if params.ring_rows is not None else 'auto'}, --vase-workspace-mb "
                      f"{params.workspace_mb}" + (f" (budget and window sized for {label})"
                                                  if sized and ns.vase_budget is None else ""))

@@ -124,6 +124,7 @@ def test_policy_none_is_plain_sglang():
         (["--cuda-graph-backend-prefill=full"], "prefill CUDA graph"),
         (["--vase-ring-rows", "-1"], "ring_rows"),
         (["--vase-workspace-mb", "0"], "workspace_mb"),
+        (["--vase-mode", "lazy"], "unknown mode"),
     ],
 )
 def test_refused_flags(flags, message):
@@ -139,11 +140,13 @@ def test_request_params_merge_and_errors():
     assert (merged.budget, merged.window, merged.seed, merged.n_large) == (128, 32, 3, None)
     assert merged.build_policy().n_pinned == 32  # budget // 4, re-derived for the new budget
     assert merged.slot_bound(prompt_len=10) == 160 and merged.slot_bound(prompt_len=500) == 532
+    assert request_params({"vase": {"mode": "pressure"}}, defaults).mode == "pressure"
     kept = request_params({"vase": {"keep_prompt": True}}, defaults)
     assert kept.keep_prompt and kept.kept_prompt(500) == 500 and kept.slot_bound(prompt_len=500) == 500 + 256 + 32
     for bad, field in [({"budget": 100}, "multiple"), ({"window": 64}, "window"), ({"policy": 3}, "policy"),
                        ({"seed": -1}, "seed"), ({"n_large": 2, "policy": "streamingllm"}, "n_large"),
-                       ({"budget": True}, "budget"), ({"x": 1}, "unknown"), ({"keep_prompt": 1}, "keep_prompt")]:
+                       ({"budget": True}, "budget"), ({"x": 1}, "unknown"), ({"keep_prompt": 1}, "keep_prompt"),
+                       ({"mode": "lazy"}, "mode"), ({"mode": 1}, "mode")]:
         with pytest.raises(ValueError, match=field):
             request_params({"vase": bad}, defaults)
 

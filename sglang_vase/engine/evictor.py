@@ -91,6 +91,7 @@ class Eviction:
     state: RequestState
     protected: int = 0
     fresh: torch.Tensor | None = None  # the slots ``claim`` handed it, ``fresh_needed`` of them
+    forced: bool = False  # by the pool's shortage (pressure mode), not by its trigger
 
     @property
     def kept_prompt(self) -> int:
@@ -494,7 +495,7 @@ class _Batch:
                 self.device.position_offset[self.rows[i]] += self.lengths[i] - self.starts[i] - b
         for i in index:
             e = self.members[i]
-            e.state.record(e.length - e.kept_prompt - b)
+            e.state.record(e.length - e.kept_prompt - b, forced=e.forced)
 
     def _copy_on_evict_layout(self, k: int):
         """Targets and extra sources of a batch in which some request reads shared tree columns.

@@ -13,8 +13,9 @@ Per model runner (``DeviceState``, allocated with the KV pool, before CUDA-graph
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,7 @@ from sglang_vase.engine.ring import QueryRing
 from sglang_vase.policies.base import Policy
 
 logger = logging.getLogger(__name__)
+_arrivals = itertools.count()
 
 
 def derive_seed(rid: str, server_seed: int | None) -> int:
@@ -47,15 +49,17 @@ class RequestState:
     # Over the request's life, retractions included: what meta_info["vase"] reports.
     total_evictions: int = 0
     total_evicted_tokens: int = 0
+    forced_evictions: int = 0  # of total_evictions: those the pool's shortage forced (pressure mode)
     peak_kv_len: int = 0
     ring_row: int = 0  # its query-ring row; 0 = none
     # Overlap scheduler: an eviction made while the step before it was in flight, as (output tokens
     # the request will have once that step is processed, tokens evicted). If that step finished the
     # request (EOS, stop), the eviction was wasted and ``settle`` takes it back from the counters.
-    provisional: tuple[int, int] | None = None
+    provisional: tuple[int, int, bool] | None = None  # (output tokens, tokens evicted, forced)
     # The request's own skip_radix_cache_insert, saved when its first eviction sets it (a compacted
     # row must never enter the radix tree) and restored when a retraction starts it over.
     saved_skip_insert: bool | None = None
+    arrival: int = field(default_factory=_arrivals.__next__)  # creation order: pressure's tie-break (oldest first)
 
     @property
     def policy(self) -> Policy:
@@ -67,50 +71,75 @@ class RequestState:
         """Its budget, window and kept prompt: where its evictions fall."""
         return Geometry(self.params.budget, self.params.window, self.kept_prompt)
 
+    @property
+    def on_pressure(self) -> bool:
+        """Whether it keeps its full cache until the pool's shortage forces an eviction (pressure
+        mode, not evicted since its last (re)prefill); after that it follows the static schedule."""
+        return self.params.mode == "pressure" and not self.evictions
+
     def due(self, n: int) -> bool:
         """Whether physical length ``n`` is an eviction trigger. A request is only evicted after a
         decode step, never at the length its (re)prefill left it with."""
-        if n == self.prefill_len and not self.evictions:
+        if (n == self.prefill_len and not self.evictions) or self.on_pressure:
             return False
         return self.geometry.triggers(n)
+
+    def reclaimable(self, n: int) -> int:
+        """Slots an eviction at physical length ``n`` would free (0 where it cannot evict: before a
+        decode step after its (re)prefill, or at or below q + B)."""
+        if n == self.prefill_len and not self.evictions:
+            return 0
+        return max(0, n - self.geometry.evicted_length)
 
     def slot_bound(self) -> int:
         """Most KV slots it can hold from now on (``Geometry.slot_bound``)."""
         return self.geometry.slot_bound(self.prefill_len, evicted=self.evictions > 0)
 
     def reaches_trigger(self, remaining_new_tokens: int) -> bool:
-        """Whether sampling ``remaining_new_tokens`` more tokens after the (re)prefill can evict."""
+        """Whether sampling ``remaining_new_tokens`` more tokens after the (re)prefill can evict: at
+        a trigger, or in pressure mode at any length past q + B a decode step leaves (the step that
+        samples the last token finishes the request instead)."""
+        if self.params.mode == "pressure":
+            return self.prefill_len + remaining_new_tokens - 2 >= self._earliest_forced()
         return self.geometry.evictions_in(self.prefill_len, remaining_new_tokens) > 0
 
     def first_window_start(self, remaining_new_tokens: int) -> int | None:
         """The first column of the query window that the first eviction after this (re)prefill scores
-        with, when it reaches back into the prefill (P > B with P % R != 0): those positions' queries
-        come from the prefill, so a prefill that skips them (a radix-cache hit) must not. None when the
+        with, when it reaches back into the prefill (static: P > B with P % R != 0; pressure: the
+        earliest forced eviction, one decode step past max(P, q + B)): those positions' queries come
+        from the prefill, so a prefill that skips them (a radix-cache hit) must not. None when the
         policy scores without queries, the request never reaches its trigger, or the window lies in
         decoded positions only."""
         if not self.policy.needs_queries or not self.reaches_trigger(remaining_new_tokens):
             return None
-        start = self.geometry.next_trigger(self.prefill_len) - self.params.window
+        first = self._earliest_forced() if self.params.mode == "pressure" else self.geometry.next_trigger(self.prefill_len)
+        start = first - self.params.window
         return start if start < self.prefill_len else None
 
-    def record(self, evicted_tokens: int) -> None:
-        """Count one eviction of ``evicted_tokens`` tokens."""
+    def _earliest_forced(self) -> int:
+        """The shortest physical length a forced eviction can happen at: after a decode step, past q + B."""
+        return max(self.prefill_len, self.geometry.evicted_length) + 1
+
+    def record(self, evicted_tokens: int, forced: bool = False) -> None:
+        """Count one eviction of ``evicted_tokens`` tokens (``forced`` by the pool's shortage)."""
         self.evictions += 1
         self.evicted_tokens += evicted_tokens
         self.total_evictions += 1
         self.total_evicted_tokens += evicted_tokens
+        self.forced_evictions += forced
 
     def settle(self, output_len: int, finished: bool) -> bool:
         """Resolve a provisional eviction once the in-flight step is processed; True when it was
         wasted (the request finished at that step) and is taken back from the totals."""
         if self.provisional is None:
             return False
-        expected_output, tokens = self.provisional
+        expected_output, tokens, forced = self.provisional
         if finished and output_len <= expected_output:
             self.evictions -= 1
             self.evicted_tokens -= tokens
             self.total_evictions -= 1
             self.total_evicted_tokens -= tokens
+            self.forced_evictions -= forced
             self.provisional = None
             return True
         if output_len >= expected_output:

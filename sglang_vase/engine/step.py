@@ -80,14 +80,15 @@ def due(running: Iterable[Running]) -> list[Running]:
 
 
 def evict_requests(requests: list[Running], kv: KVPool, device: DeviceState, slots: Slots,
-                   agree: Agree | None = None) -> StepResult:
-    """Evict ``requests`` (those ``due`` returned) in one round (see the module docstring)."""
+                   agree: Agree | None = None, forced: bool = False) -> StepResult:
+    """Evict ``requests`` (those ``due`` or ``under_pressure`` returned) in one round (see the
+    module docstring); ``forced``: by the pool's shortage, not by their triggers."""
     if not requests:
         return StepResult()
     of = {}
     evictions = []
     for r in requests:
-        e = Eviction(row=r.row, length=r.length, state=r.state, protected=r.protected)
+        e = Eviction(row=r.row, length=r.length, state=r.state, protected=r.protected, forced=forced)
         of[id(e)] = r
         evictions.append(e)
     round_ = evict(evictions, kv.req_to_token, kv.k_buffers, kv.v_buffers, device,
@@ -107,7 +108,7 @@ def evict_requests(requests: list[Running], kv: KVPool, device: DeviceState, slo
         r = of[id(e)]
         new_length = e.state.geometry.evicted_length
         if r.output_after_in_flight is not None:
-            e.state.provisional = (r.output_after_in_flight, r.length - new_length)
+            e.state.provisional = (r.output_after_in_flight, r.length - new_length, forced)
         r.length = new_length
         r.protected = e.protected_after
         result.evicted.append(r)
