@@ -43,6 +43,7 @@ from sglang.srt.mem_cache.allocation import alloc_token_slots
 from sglang_vase import metrics
 from sglang_vase.engine.evictor import agree_over
 from sglang_vase.engine.state import device_of, request_state
+from sglang_vase.engine.pressure import relieve
 from sglang_vase.engine.step import KVPool, due, evict_requests
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
@@ -61,7 +62,10 @@ def hook(self, *args, **kwargs):
                if request_state(req) is not None and req.kv.holds_kv and not req.finished()
                and req.to_finish is None and not req.is_retracted and req not in finishing]
     requests = due(running)
-    if not requests:
+    slots = _Slots(self)
+    need = _decode_need(batch, kwargs.get("last_batch", args[1] if len(args) > 1 else None))
+    pressed = any(r.state.on_pressure for r in running) and slots.available() < need
+    if not requests and not pressed:
         if metrics.enabled():
             metrics.record_kv_used(_held_slots(self, batch))
         return None
@@ -74,7 +78,17 @@ def hook(self, *args, **kwargs):
                 [pool.get_value_buffer(l) for l in layers])
     # Tensor parallelism: a failure on one rank only must abort the request on every rank.
     agree = agree_over(self.tp_cpu_group) if self.tp_size > 1 else None
-    result = evict_requests(requests, kv, device_of(self.req_to_token_pool), _Slots(self), agree)
+    device = device_of(self.req_to_token_pool)
+    result = evict_requests(requests, kv, device, slots, agree)
+    if metrics.enabled() and result.evicted:
+        metrics.record_evictions(len(result.evicted), result.freed)
+    # Pressure mode: the requests keeping their full cache give back what the next decode step
+    # lacks (all ranks see the same lengths and free counts, so they choose the same victims).
+    failed = {id(r) for r, _ in result.failed}
+    forced = relieve([r for r in running if id(r) not in failed], need, kv, device, slots, agree)
+    if metrics.enabled() and forced.evicted:
+        metrics.record_evictions(len(forced.evicted), forced.freed, forced=True)
+    result = result.merge(forced)
     if result.freed:
         # SGLang retries admission only when the batch shrinks; freed slots are room for more.
         batch.batch_is_full = False
@@ -86,9 +100,17 @@ def hook(self, *args, **kwargs):
     if result.evicted:
         _lower_lengths(self, batch, result.evicted)
     if metrics.enabled():
-        metrics.record_evictions(len(result.evicted), result.freed)
         metrics.record_kv_used(_held_slots(self, batch))
     return None
+
+
+def _decode_need(batch, last_batch) -> int:
+    """Slots the next decode step allocates: one per request of the running batch and of the
+    prefill batch that joins it this step (page size 1; a chunked request is not done prefilling)."""
+    joining = 0
+    if last_batch is not None and last_batch.forward_mode.is_extend():
+        joining = sum(r is not last_batch.chunked_req for r in last_batch.reqs)
+    return len(batch.reqs) + joining
 
 
 class _Running:

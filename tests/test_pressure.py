@@ -122,3 +122,53 @@ def test_a_shortage_no_eviction_can_cover_evicts_every_candidate():
     assert all(r.length == BUDGET for r in pool.requests)
     # Nothing left to free: a second call evicts nothing (each follows the static schedule now).
     assert relieve(pool.requests, free + 10**6, pool.kv, pool.device, pool.slots).evicted == []
+
+
+# ------------------------------------------------------------------ on a server (embedded model)
+
+POOL = 1200
+SERVER_FLAGS = ["--dtype", "float32", "--max-total-tokens", str(POOL), "--max-running-requests", "8",
+                "--vase-budget", "64", "--vase-window", "16", "--vase-mode", "pressure", "--decode-log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from sglang_vase.serving import Server
+
+    s = Server(SERVER_FLAGS, strict_memory=True)
+    yield s
+    s.stop()
+
+
+def _generate(server, prompt: str, tokens: int, vase=None) -> dict:
+    return server.generate(prompt, max_new_tokens=tokens, ignore_eos=True, vase=vase)
+
+
+@pytest.mark.slow
+def test_low_load_is_the_full_cache(server):
+    """The pool holds the request at full length: no eviction, the full cache's exact tokens."""
+    prompt = "Question: what is 17 * 23? Think step by step.\nAnswer:"
+    pressed = _generate(server, prompt, 200)
+    full = _generate(server, prompt, 200, vase=False)
+    assert pressed["meta_info"]["vase"]["evictions"] == 0 and pressed["meta_info"]["vase"]["mode"] == "pressure"
+    assert pressed["output_ids"] == full["output_ids"]
+
+
+@pytest.mark.slow
+def test_high_load_evicts_instead_of_retracting(server):
+    """8 requests whose full length (8 x ~250) is beyond the pool but whose static footprints
+    (8 x 80) fit: the shortage forces evictions, nobody is retracted, everybody finishes."""
+    import concurrent.futures as cf
+
+    start = server.log_offset()
+    prompts = [f"Story {i}: once upon a time there was a robot named R{i} who" for i in range(8)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda p: _generate(server, p, 220), prompts))
+    log = server.log(start)
+    assert "Retract" not in log, log[-3000:]
+    metas = [o["meta_info"] for o in outs]
+    assert all(m["completion_tokens"] == 220 for m in metas)
+    forced = [m["vase"]["forced_evictions"] for m in metas]
+    assert sum(forced) > 0 and all(f <= 1 for f in forced)  # forced once, then the static schedule
+    assert max(m["vase"]["peak_kv_len"] for m in metas) > 80  # some kept a full cache past the static bound
+    assert server.alive()

@@ -47,9 +47,5 @@ def relieve(running: list[Running], need: int, kv: KVPool, device: DeviceState, 
         if not chosen:
             break
         tried.update(id(r) for r in chosen)
-        round_ = evict_requests(chosen, kv, device, slots, agree, forced=True)
-        result.evicted += round_.evicted
-        result.failed += round_.failed
-        result.deferred += round_.deferred
-        result.freed += round_.freed
+        result = result.merge(evict_requests(chosen, kv, device, slots, agree, forced=True))
     return result

@@ -68,6 +68,10 @@ class StepResult:
     deferred: list[Running] = field(default_factory=list)  # no fresh slots: evicts at its next trigger
     freed: int = 0  # slots given back to ``Slots``
 
+    def merge(self, other: "StepResult") -> "StepResult":
+        return StepResult(self.evicted + other.evicted, self.failed + other.failed, self.deferred + other.deferred,
+                          self.freed + other.freed)
+
 
 def due(running: Iterable[Running]) -> list[Running]:
     """The requests whose physical length is a trigger (each one's peak length noted)."""
