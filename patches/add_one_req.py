@@ -5,10 +5,13 @@ A request that scores with queries and can reach its trigger needs a ring row fr
 (``state.needs_ring_row``); rows are bound when its req_to_token row is (``req_to_token_pool_alloc``).
 When none is left the request is skipped (it stays queued, first in line for the next free row) and
 admission goes on with the requests behind it, which may need no row: short requests are never
-held up by the ring.
+held up by the ring. A request refused for want of slots leaves its deficit for pressure mode
+(``admission_sglang.note_deficit``).
 """
 
-from sglang_vase.admission_sglang import reserve_as_bounded
+from sglang.srt.managers.schedule_policy import AddReqResult
+
+from sglang_vase.admission_sglang import note_deficit, reserve_as_bounded
 from sglang_vase.engine.state import device_of, needs_ring_row
 
 TARGET = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
@@ -21,4 +24,7 @@ def hook(original, self, req, *args, **kwargs):
         if device_of(self.tree_cache.req_to_token_pool).ring.free_rows() - pending <= 0:
             return self.budget_state()
     with reserve_as_bounded(self, req):
-        return original(self, req, *args, **kwargs)
+        result = original(self, req, *args, **kwargs)
+        if result is AddReqResult.NO_TOKEN:
+            note_deficit(self, req)  # pressure mode evicts it away at the next step
+        return result

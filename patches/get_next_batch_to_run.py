@@ -41,6 +41,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.allocation import alloc_token_slots
 
 from sglang_vase import metrics
+from sglang_vase.admission_sglang import take_deficit
 from sglang_vase.engine.evictor import agree_over
 from sglang_vase.engine.state import device_of, request_state
 from sglang_vase.engine.pressure import relieve
@@ -64,6 +65,9 @@ def hook(self, *args, **kwargs):
     requests = due(running)
     slots = _Slots(self)
     need = _decode_need(batch, kwargs.get("last_batch", args[1] if len(args) > 1 else None))
+    admission_target = take_deficit(self.tree_cache)
+    if self.waiting_queue:  # the requests admission stopped at still wait
+        need = max(need, admission_target)
     pressed = any(r.state.on_pressure for r in running) and slots.available() < need
     if not requests and not pressed:
         if metrics.enabled():
@@ -82,8 +86,8 @@ def hook(self, *args, **kwargs):
     result = evict_requests(requests, kv, device, slots, agree)
     if metrics.enabled() and result.evicted:
         metrics.record_evictions(len(result.evicted), result.freed)
-    # Pressure mode: the requests keeping their full cache give back what the next decode step
-    # lacks (all ranks see the same lengths and free counts, so they choose the same victims).
+    # Pressure mode: the requests keeping their full cache give back what the next decode step or
+    # the stuck admission lacks (all ranks see the same lengths and free counts: the same victims).
     failed = {id(r) for r, _ in result.failed}
     forced = relieve([r for r in running if id(r) not in failed], need, kv, device, slots, agree)
     if metrics.enabled() and forced.evicted:

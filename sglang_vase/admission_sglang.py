@@ -10,6 +10,11 @@ large, and no more. The patches of ``PrefillAdder`` use this module: the running
 whole-lifetime simulation for eviction-disabled ``ignore_eos`` requests. ``slot_capacity`` is what
 one request can ever hold (``init_req_max_new_tokens``, ``add_request_to_queue``).
 
+Pressure mode: when admission stops for want of slots (``NO_TOKEN``), ``add_one_req`` notes how many
+free slots would have let it go on (``note_deficit``, in SGLang's own arithmetic); the next step's
+eviction phase takes it (``take_deficit``) and evicts requests keeping their full cache until that
+many are free.
+
 With the radix cache, shared tree slots are counted once (SGLang counts the locked ones as held),
 and a request whose next eviction releases its tree lock frees the tree columns only it holds: a
 per-step census of the running requests' tree paths (``PrefixCensus``) says which those are.
@@ -26,6 +31,9 @@ from sglang_vase.engine.state import request_state
 # The flag ``reserve_as_bounded`` sets on SGLang's ``PrefillBudget`` while its reservation is the
 # exact bound; ``check_prefill`` then admits on an exact fit.
 EXACT_FIT = "vase_exact"
+# Set on the scheduler's tree cache (which admission and the eviction phase both reach): the free
+# slots (allocator + evictable tree) the last admission would have needed to go on.
+DEFICIT = "_vase_admission_target"
 
 
 class PrefixCensus:
@@ -121,3 +129,22 @@ def reserve_as_bounded(adder, req):
 def slot_capacity(scheduler) -> int:
     """Most slots one request can ever hold: the pool, and its req_to_token row."""
     return min(scheduler.max_total_num_tokens, scheduler.req_to_token_pool.req_to_token.shape[1])
+
+
+def note_deficit(adder, req) -> None:
+    """After ``add_one_req`` stopped at ``req`` for want of slots: note how many free slots would
+    have let it in, as SGLang counted (its extend tokens and reserved growth, as presented to
+    admission, against the remaining budget), on top of those free now."""
+    sp = req.sampling_params
+    growth = min(max(sp.max_new_tokens - len(req.output_ids), 0), schedule_policy.CLIP_MAX_NEW_TOKENS)
+    total = len(req.full_untruncated_fill_ids) - req.prefix_len + growth + adder.per_req_token_overhead
+    free = adder.token_to_kv_pool_allocator.available_size() + adder.tree_cache.evictable_size()
+    target = free + max(0, total - adder.rem_total_tokens)
+    setattr(adder.tree_cache, DEFICIT, max(getattr(adder.tree_cache, DEFICIT, 0), target))
+
+
+def take_deficit(tree_cache) -> int:
+    """The free slots the last stuck admission needed (0 if none), cleared."""
+    target = getattr(tree_cache, DEFICIT, 0)
+    setattr(tree_cache, DEFICIT, 0)
+    return target

@@ -4,6 +4,9 @@ keeps in the static mode (same policy, seed and eviction index)."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import re
+
 import pytest
 import torch
 
@@ -127,7 +130,7 @@ def test_a_shortage_no_eviction_can_cover_evicts_every_candidate():
 # ------------------------------------------------------------------ on a server (embedded model)
 
 POOL = 1200
-SERVER_FLAGS = ["--dtype", "float32", "--max-total-tokens", str(POOL), "--max-running-requests", "8",
+SERVER_FLAGS = ["--dtype", "float32", "--max-total-tokens", str(POOL), "--max-running-requests", "16",
                 "--vase-budget", "64", "--vase-window", "16", "--vase-mode", "pressure", "--decode-log-interval", "1"]
 
 
@@ -154,21 +157,31 @@ def test_low_load_is_the_full_cache(server):
     assert pressed["output_ids"] == full["output_ids"]
 
 
+def _max_running(log: str) -> int:
+    return max((int(m) for m in re.findall(r"Decode batch.*?#running-req: (\d+)", log)), default=0)
+
+
+def _batch(server, mode: str, requests: int = 16, tokens: int = 220) -> tuple[list[dict], str]:
+    start = server.log_offset()
+    prompts = [f"Story {i}: once upon a time there was a robot named R{i} who" for i in range(requests)]
+    with cf.ThreadPoolExecutor(requests) as pool:
+        outs = list(pool.map(lambda p: _generate(server, p, tokens, vase={"mode": mode}), prompts))
+    return [o["meta_info"] for o in outs], server.log(start)
+
+
 @pytest.mark.slow
 def test_high_load_evicts_instead_of_retracting(server):
-    """8 requests whose full length (8 x ~250) is beyond the pool but whose static footprints
-    (8 x 80) fit: the shortage forces evictions, nobody is retracted, everybody finishes."""
-    import concurrent.futures as cf
-
-    start = server.log_offset()
-    prompts = [f"Story {i}: once upon a time there was a robot named R{i} who" for i in range(8)]
-    with cf.ThreadPoolExecutor(8) as pool:
-        outs = list(pool.map(lambda p: _generate(server, p, 220), prompts))
-    log = server.log(start)
-    assert "Retract" not in log, log[-3000:]
-    metas = [o["meta_info"] for o in outs]
-    assert all(m["completion_tokens"] == 220 for m in metas)
-    forced = [m["vase"]["forced_evictions"] for m in metas]
+    """16 requests whose full length (16 x ~240) is far beyond the pool but whose static footprints
+    (16 x 80) nearly fit: in pressure mode the shortage forces evictions, nobody is retracted, and
+    as many run at once as in the static mode."""
+    static, static_log = _batch(server, "static")
+    pressed, log = _batch(server, "pressure")
+    for metas, text in ((static, static_log), (pressed, log)):
+        assert "Retract" not in text, text[-3000:]
+        assert all(m["completion_tokens"] == 220 for m in metas)
+    forced = [m["vase"]["forced_evictions"] for m in pressed]
     assert sum(forced) > 0 and all(f <= 1 for f in forced)  # forced once, then the static schedule
-    assert max(m["vase"]["peak_kv_len"] for m in metas) > 80  # some kept a full cache past the static bound
+    assert all(m["vase"]["forced_evictions"] == 0 for m in static)
+    assert max(m["vase"]["peak_kv_len"] for m in pressed) > 80  # some kept a full cache past the static bound
+    assert _max_running(log) >= 0.95 * _max_running(static_log), (_max_running(log), _max_running(static_log))
     assert server.alive()
