@@ -399,3 +399,37 @@ def test_rows_in_one_decoder_equal_rows_alone():
     assert dec.row_evictions(0) == 0 and dec.row_evictions(1) >= 5
     # the rows of one budget kept different tokens (different seeds and policies)
     assert not torch.equal(dec.row_keep_log(1)[0], dec.row_keep_log(2)[0])
+
+
+# --- pressure mode's schedule: one eviction where the pool ran short, then the static one -------
+@pytest.mark.parametrize("late", [50, 47])
+def test_first_eviction_at_a_given_length_then_the_static_schedule(model, snapkv_run, chat_prompt, late):
+    from sglang_vase.reference.replay import Row
+
+    p = len(chat_prompt)
+    at = p + late  # not at a trigger: any length past B a shortage may strike
+    policy = get_policy("snapkv", budget=BUDGET, window=WINDOW)
+    rows = [Row(None), Row(policy, seed=11), Row(policy, seed=11, first_eviction_at=at),
+            Row(policy, seed=11, first_eviction_at=BUDGET + WINDOW)]  # at the static trigger: the static row
+    dec = EvictingDecoder(model, rows=rows)
+    dec.prefill(chat_prompt)
+    tokens = snapkv_run["tokens"]
+    logits = dec.extend(tokens[:late - 1])
+    assert dec.row_length(2) == at - 1 and dec.row_evictions(2) == 0  # the full cache so far
+    logits = torch.cat([logits, dec.extend(tokens[late - 1:])], dim=1)
+    torch.testing.assert_close(logits[2, :late], logits[0, :late])  # identical up to the eviction
+    assert not torch.equal(logits[2, late:], logits[0, late:])
+    torch.testing.assert_close(logits[3], logits[1], atol=2e-4, rtol=1e-4)  # batched with other copies
+    # One eviction at `at`, then every R tokens past B + R: the static lengths from B on.
+    n, evictions = BUDGET, 1
+    for _ in tokens[late:]:
+        n += 1
+        if n > BUDGET and n % WINDOW == 0:
+            n, evictions = BUDGET, evictions + 1
+    assert (dec.row_length(2), dec.row_evictions(2)) == (n, evictions)
+    # Token by token, one row alone: the same as in the batched teacher-forced run.
+    alone = EvictingDecoder(model, rows=[rows[2]])
+    alone.prefill(chat_prompt)
+    stepped = torch.stack([alone.step(t) for t in tokens])
+    torch.testing.assert_close(stepped, logits[2], atol=2e-4, rtol=1e-4)
+    assert alone.keep_log[0].shape == (len(dec.layers), dec.n_kv, K_KEEP)

@@ -11,7 +11,8 @@ KV cache ``[H_kv, n, D]`` of post-RoPE keys (after q_norm/k_norm for Qwen3), so 
 - a decode step appends the new K/V at the end of the cache (physical length n + 1) with RoPE at
   the TRUE absolute position, and attends over all n cached slots of each head;
 - after a decode step that ``Geometry.triggers`` (n - q > B, (n - q) % R == 0, q the kept prompt:
-  P with keep_prompt, else 0), every layer evicts: candidates are slots q..n-R-1,
+  P with keep_prompt, else 0), or, for a row with ``first_eviction_at`` L (pressure mode's
+  schedule), first at n = L and then at the triggers, every layer evicts: candidates are slots q..n-R-1,
   ``selection.select_keep`` picks K = B - R of them per KV head, and the cache becomes
   ``cache[h, :q] ++ cand[h, keep[h]] ++ cache[h, n-R:n]`` (n = q + B). The eviction counter counts
   events (one per step that evicts, all layers).
@@ -69,6 +70,15 @@ class Row:
     seed: int = 0
     keep_override: KeepOverride | None = None
     keep_prompt: bool = False
+    # Pressure mode's schedule: no eviction until the physical length reaches ``first_eviction_at``
+    # (where the pool ran short), one eviction there, then the static schedule. None: static.
+    first_eviction_at: int | None = None
+
+    def first_due(self, geometry: Geometry, length: int) -> bool:
+        """Whether its first eviction falls at ``length`` (a decode step left it there)."""
+        if self.first_eviction_at is None:
+            return geometry.triggers(length)
+        return length == self.first_eviction_at and length > geometry.evicted_length
 
     def geometry(self, prompt_len: int) -> Geometry | None:
         """Where it evicts after a ``prompt_len``-token prompt; None with the full cache."""
@@ -106,6 +116,7 @@ class _Stream:
         self.rows, self.copies, self.geometry = rows, copies, geometry
         self.length = 0
         self.evictions = 0
+        self.first_due = False  # branched at its rows' first eviction: evicts before anything else
         n_layers, capacity, h_kv, head_dim = shape
         self.k = [torch.empty((copies, h_kv, capacity, head_dim), dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty_like(t) for t in self.k]
@@ -303,7 +314,8 @@ class EvictingDecoder:
         """Whether a stream of ``length`` slots after a decode step evicts (or, the trunk, branches)."""
         if stream.geometry is not None:
             return stream.geometry.triggers(length)
-        return any(self._geometries[r].triggers(length) for r in stream.rows if self._geometries[r] is not None)
+        return any(self.rows[r].first_due(self._geometries[r], length) for r in stream.rows
+                   if self._geometries[r] is not None)
 
     def _tokens_to_next_trigger(self, available: int) -> int:
         for t in range(1, available):
@@ -394,10 +406,12 @@ class EvictingDecoder:
             due = defaultdict(list)
             for r in trunk.rows:
                 geometry = self._geometries[r]
-                if geometry is not None and geometry.triggers(trunk.length):
+                if geometry is not None and self.rows[r].first_due(geometry, trunk.length):
                     due[geometry].append(r)
             for geometry, rows in due.items():
-                stream = trunk.branch(rows, geometry, geometry.slot_bound(self.prompt_length))
+                capacity = max(geometry.slot_bound(self.prompt_length), trunk.length)
+                stream = trunk.branch(rows, geometry, capacity)
+                stream.first_due = True
                 self._streams.append(stream)
                 for c, r in enumerate(rows):
                     self._where[r] = (stream, c)
@@ -406,7 +420,8 @@ class EvictingDecoder:
                 self._streams.remove(trunk)
                 self._trunk = None
         for stream in self._streams:
-            if stream.geometry is not None and stream.geometry.triggers(stream.length):
+            if stream.geometry is not None and (stream.first_due or stream.geometry.triggers(stream.length)):
+                stream.first_due = False
                 self._evict(stream)
 
     def _evict(self, stream: _Stream) -> None:
