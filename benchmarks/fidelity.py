@@ -16,7 +16,10 @@ within \\boxed{}.`` in the model's chat template):
    - NLL increase: -log p_evicted(token_i) - (-log p_full(token_i)).
    Each is averaged over the rows computed after the first eviction ("after": the rows whose cache
    had been evicted at least once, found from the engine trigger ``Geometry.triggers`` on the
-   physical length) and over all rows ("all"). Per (policy, kept order, compression, seed) the
+   physical length) and over all rows ("all"). A policy spec ``name:late=L`` evicts as pressure
+   mode does when the pool runs short after L continuation tokens: the full cache until then, one
+   eviction to B there, then the static schedule (``name`` alone: every R tokens past B + R), so
+   the cost of compressing late and at once is measured beside the gradual schedule. Per (policy, kept order, compression, seed) the
    per-prompt means are averaged over prompts; stochastic policies report mean and std (ddof=1)
    over seeds 0..S-1, deterministic ones run once (seed 0). The same seeds are used for every
    policy. ``kl_before_max`` (rows before the first eviction) is 0: those rows are the shared cache.
@@ -76,7 +79,7 @@ This file parses the arguments and runs the parts; the rest lives next to it: ``
 
     python benchmarks/fidelity.py [--quick] [--outlier-model] [--prompts 8] [--cont-len 1024]
         [--compressions 2,4,8] [--window 32] [--seeds 3] [--orders sorted,released]
-        [--policies vase,snapkv,vase-adaptive:tau=3,...] [--engine]
+        [--policies vase,snapkv,vase-adaptive:tau=3,vase:late=512,...] [--engine]
     python benchmarks/fidelity.py --render --out benchmarks/results/fidelity.json
 """
 
@@ -99,7 +102,7 @@ import torch
 
 from common import DATA_DIR, RESULTS_DIR, TEMPERATURE, TOP_P, machine_info, shard_arg
 from fidelity_configs import (ORDERS, budget_for, build_policy, engine_configs, first_affected_row, is_stochastic,
-                              load_prompts, make_configs, parse_policy_spec, row_order)
+                              late_of, load_prompts, make_configs, parse_policy_spec, row_order)
 from fidelity_engine import LOOP_MIN_COUNT, LOOP_NGRAM, TAIL_FRACTION, TAIL_MAX_PERIOD, TAIL_MIN_REPEATS, EngineRun
 from fidelity_replay import partial_path, replay_part
 from fidelity_report import aggregate, aggregate_vrange, mean_known, render, render_only
@@ -199,6 +202,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
     for pol in policies:  # fail early on parameter errors
         for b in budgets.values():
             build_policy(pol, b, args.window, orders[0])
+            if late_of(pol) is not None:  # a one-token prompt is the hardest case
+                first_affected_row(1, args.cont_len, b, args.window, late_of(pol))
     stochastic = {p: is_stochastic(p) for p in policies}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

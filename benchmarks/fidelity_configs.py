@@ -10,6 +10,9 @@ from common import MATH_SUFFIX, chat_ids, problems
 
 ORDERS = ("released", "sorted")
 FULL = "full"
+# ``name:late=L``: pressure mode's schedule, no eviction until L continuation tokens, one eviction
+# there (to B), then the static schedule; ``name`` alone evicts gradually, every R tokens past B + R.
+LATE = "late"
 
 
 def load_prompts(tokenizer, data_dir: Path, dataset: str, n: int, max_prompt_tokens: int) -> list[dict]:
@@ -36,19 +39,34 @@ def budget_for(cont_len: int, compression: float, window: int) -> int:
     return max(2 * window, int(round(cont_len / compression / window)) * window)
 
 
-def first_affected_row(prompt_len: int, cont_len: int, budget: int, window: int) -> tuple[int, int]:
+def first_affected_row(prompt_len: int, cont_len: int, budget: int, window: int,
+                       late: int | None = None) -> tuple[int, int]:
     """(first row computed after an eviction, evictions that affect a row), from the engine trigger.
 
     Row 0 comes from the prefill; row i >= 1 from the decode step of continuation token i-1, which
     appends it (physical length prompt + i), computes the logits, then evicts if that length
     triggers. The eviction after step i first affects row i + 1; one after the last row affects
     nothing and is not counted (the engine, whose request ends there, does not run it either):
-    exactly the engine's ``Geometry.evictions_in``."""
+    exactly the engine's ``Geometry.evictions_in``. With ``late`` L the first eviction is after
+    step L, leaving B slots, and the triggers follow from there."""
     from sglang_vase.engine.geometry import Geometry
 
     geometry = Geometry(budget, window)
+    if late is not None:
+        if prompt_len + late <= budget or late > cont_len - 2:
+            raise ValueError(f"late={late}: the eviction must fall past B={budget} (prompt {prompt_len} tokens) "
+                             f"and before the last row ({cont_len} rows)")
+        return late + 1, 1 + geometry.evictions_in(budget, cont_len - late)
     events = geometry.evictions_in(prompt_len, cont_len)
     return (geometry.next_trigger(prompt_len) - prompt_len + 1 if events else cont_len), events
+
+
+def late_of(spec: str) -> int | None:
+    """L of a ``name:late=L`` spec (None: the static schedule)."""
+    late = parse_policy_spec(spec)[1].get(LATE)
+    if late is not None and (isinstance(late, bool) or not isinstance(late, int) or late < 1):
+        raise ValueError(f"policy {spec!r}: late must be a positive number of continuation tokens")
+    return late
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
@@ -70,6 +88,7 @@ def build_policy(spec: str, budget: int, window: int, order: str):
     from sglang_vase.policies import get_policy
 
     name, params = parse_policy_spec(spec)
+    params.pop(LATE, None)  # the schedule, not a policy parameter
     return get_policy(name, budget=budget, window=window, sort_kept=order == "sorted", **params)
 
 

@@ -16,6 +16,7 @@ import fidelity_configs
 import fidelity_engine
 import fidelity_replay
 import fidelity_report
+from sglang_vase.engine.geometry import Geometry
 
 DATA_OK = (fidelity.DEFAULT_DATA_DIR / "math.jsonl").exists()
 
@@ -51,6 +52,13 @@ def test_budget_and_first_eviction():
     # an eviction after the last row (prompt 31, row 9 reaches n = 40) affects nothing: not counted
     assert fidelity_configs.first_affected_row(31, 10, 32, 8) == (10, 0)
     assert fidelity_configs.first_affected_row(31, 11, 32, 8) == (10, 1)
+    # late=50 (pressure mode's schedule): one eviction after row 50 (n = 70 -> 32), then n reaches
+    # 40, 48, ... from row 58 on, counted up to the row before the last
+    first, events = fidelity_configs.first_affected_row(20, 100, 32, 8, late=50)
+    assert first == 51 and events == 1 + len(range(58, 99, 8))
+    for bad in (12, 99):  # at or below B (prompt 20 + 12 = 32), or after the last row's step
+        with pytest.raises(ValueError, match="late"):
+            fidelity_configs.first_affected_row(20, 100, 32, 8, late=bad)
 
 
 def test_token_metrics_against_the_definitions():
@@ -87,6 +95,11 @@ def test_policy_specs_and_configs():
         fidelity_configs.parse_policy_spec("vase:tau")
     policy = fidelity_configs.build_policy("vase-adaptive:tau=3", 64, 16, "sorted")
     assert policy.tau == 3.0 and policy.sort_kept and policy.budget == 64
+    late = fidelity_configs.build_policy("vase:late=512", 64, 16, "released")
+    assert late.budget == 64 and fidelity_configs.late_of("vase:late=512") == 512
+    assert fidelity_configs.late_of("vase") is None
+    with pytest.raises(ValueError, match="late"):
+        fidelity_configs.late_of("vase:late=0")
     configs = fidelity_configs.make_configs(["snapkv", "vase:n_large=8"], ["released", "sorted"], {2: 64, 4: 32}, 3)
     assert configs[0]["policy"] == fidelity_configs.FULL
     assert len(configs) == 1 + 2 * 2 * 1 + 2 * 2 * 3  # deterministic: seed 0 only
@@ -137,7 +150,7 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
     """The replay of a finished prompt is kept as it finishes: started again with the same settings,
     the run takes it from there (nothing is replayed) and writes the same rows."""
     out = tmp_path / "fidelity.json"
-    argv = ["--quick", "--threads", "1", "--policies", "vase,snapkv", "--out", str(out)]
+    argv = ["--quick", "--threads", "1", "--policies", "vase,snapkv,snapkv:late=40", "--out", str(out)]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -156,13 +169,19 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
         fidelity.main(other)  # refused: the finished prompt is kept, not overwritten
     assert partial.read_text() == saved
 
-    reordered = ["--quick", "--threads", "1", "--policies", "snapkv,vase", "--out", str(out)]
+    reordered = ["--quick", "--threads", "1", "--policies", "snapkv:late=40,snapkv,vase", "--out", str(out)]
     with monkeypatch.context() as m:
         m.setattr(fidelity_replay, "replay_prompt", interrupted)  # must not be needed
         data = fidelity.main(reordered)  # the same settings: the policies' order does not matter
     assert sorted(map(json.dumps, data["replay_runs"])) == sorted(map(json.dumps, first[0]["runs"]))
     assert data["prompts"][0]["continuation_text"] == first[0]["prompt"]["continuation_text"]
     assert out.exists() and not partial.exists()
+    # snapkv:late=40: the full cache for 40 rows, one eviction, then the static schedule from B
+    late = {r["compression"]: r for r in data["replay_runs"] if r["policy"] == "snapkv:late=40"}
+    for c, b in data["config"]["budgets"].items():
+        r = late[int(c)]
+        assert r["first_affected_row"] == 41 and r["kl_before_max"] == 0.0 and r["kl_after"] > 0
+        assert r["evictions"] == 1 + Geometry(b, 8).evictions_in(b, 64 - 40)
     fresh = fidelity.main(argv)["replay_runs"]  # a fresh run computes the same rows
     assert sorted(map(json.dumps, fresh)) == sorted(map(json.dumps, data["replay_runs"]))
 
