@@ -4,7 +4,8 @@ with SGLang's strict memory checks on and forced retractions.
     python benchmarks/soak.py                          # 1,000 requests -> benchmarks/results/soak.json
     python benchmarks/soak.py --requests 150 --out /tmp/soak.json
 
-The mix (drawn from ``--seed``): random valid policy / budget / window / n_large / seed / keep_prompt;
+The mix (drawn from ``--seed``): random valid policy / budget / window / n_large / seed / keep_prompt /
+mode (a quarter in pressure mode);
 about 10% invalid requests (every 400 case the server promises, in turn); n > 1; logprobs; stop
 strings; regex constraints; prompts longer than the budget; prompts behind a shared prefix (radix
 cache hits); eviction-disabled requests; client aborts (a client timeout mid-generation). The server
@@ -100,6 +101,8 @@ def _vase_params(rng: random.Random) -> dict:
         vase["seed"] = rng.randrange(2**31)
     if rng.random() < 0.2:
         vase["keep_prompt"] = True
+    if rng.random() < 0.25:
+        vase["mode"] = "pressure"
     return vase
 
 
@@ -124,6 +127,8 @@ def make_case(index: int, rng: random.Random, invalid_share: float, abort_share:
         budget, window = vase["budget"], vase["window"]
         if vase.get("keep_prompt"):
             features.append("keep_prompt")
+        if vase.get("mode") == "pressure":
+            features.append("pressure")
     u = rng.random()
     if u < 0.12:
         body["text"] = LONG_TEXT * rng.randint(6, 12) + text  # ~170-340 tokens: longer than most budgets
@@ -186,6 +191,16 @@ def check_valid(case: Case, outputs: list[dict]) -> list[str]:
         retracted = bool(meta.get("num_retractions"))
         kept_prompt = prompt if case.keep_prompt else 0
         geometry = Geometry(case.budget, case.window, kept_prompt)
+        if "pressure" in case.features:
+            # Its evictions depend on the load: at most one forced per (re)prefill, never more KV
+            # than the full cache, and none at all unless it grew past q + B.
+            if stats["forced_evictions"] > 1 + (meta.get("num_retractions") or 0):
+                problems.append(f"{stats['forced_evictions']} forced evictions")
+            if stats["peak_kv_len"] > prompt + done:
+                problems.append(f"peak KV {stats['peak_kv_len']} > the full cache's {prompt + done}")
+            if stats["evictions"] and prompt + done <= geometry.evicted_length:
+                problems.append(f"{stats['evictions']} evictions of a request never past q + B")
+            continue
         expected = geometry.evictions_in(prompt, done)
         if not retracted and stats["evictions"] != expected:
             problems.append(f"{stats['evictions']} evictions, expected {expected} (prompt {prompt}, output {done})")

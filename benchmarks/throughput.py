@@ -7,7 +7,8 @@ and they run one after the other. Systems (``--systems``):
 - ``sglang``: plain SGLang with its own defaults (radix cache and overlap scheduler on): the baseline;
 - ``sglang-restricted``: plain SGLang with ``--disable-radix-cache --disable-overlap-schedule``, the
   flags eviction needed before, so that their cost is visible;
-- ``sglang-vase``: sglang-vase with SGLang's defaults (``sglang-vase-restricted`` is available too).
+- ``sglang-vase``: sglang-vase with SGLang's defaults (``sglang-vase-restricted`` is available too);
+- ``sglang-vase-pressure``: the same with ``--vase-mode pressure`` (evicting only when the pool runs short).
 
 Workloads (``--workloads``):
 
@@ -94,6 +95,7 @@ SYSTEMS = {
     "sglang-restricted": (False, RESTRICTED),
     "sglang-vase": (True, []),
     "sglang-vase-restricted": (True, RESTRICTED),
+    "sglang-vase-pressure": (True, ["--vase-mode", "pressure"]),
 }
 BASELINES = ("sglang", "sglang-restricted")
 WORKLOADS = ("distinct", "shared")

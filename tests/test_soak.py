@@ -21,7 +21,7 @@ def test_soak_150_requests(tmp_path):
     assert report["invalid"]["answered_4xx_naming_field"] == report["invalid"]["sent"]
     assert report["valid"]["complete_within_bound"] == report["valid"]["sent"] >= 100
     assert report["retracted_in_log"] > 0 and report["evictions"] > 50
-    for feature in ("n>1", "logprobs", "stop", "regex", "long_prompt", "disabled", "abort"):
+    for feature in ("n>1", "logprobs", "stop", "regex", "long_prompt", "disabled", "abort", "pressure"):
         assert report["features"].get(feature, 0) > 0, feature
     assert report["ok"]
 
