@@ -44,7 +44,7 @@ from sglang_vase import metrics
 from sglang_vase.admission_sglang import take_deficit
 from sglang_vase.engine.evictor import agree_over
 from sglang_vase.engine.state import device_of, request_state
-from sglang_vase.engine.pressure import relieve
+from sglang_vase.engine.pressure import reclaimable, relieve
 from sglang_vase.engine.step import KVPool, due, evict_requests
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
@@ -66,7 +66,9 @@ def hook(self, *args, **kwargs):
     slots = _Slots(self)
     need = _decode_need(batch, kwargs.get("last_batch", args[1] if len(args) > 1 else None))
     admission_target = take_deficit(self.tree_cache)
-    if self.waiting_queue:  # the requests admission stopped at still wait
+    # The request admission stopped at still waits, and evicting can let it in (never evict for
+    # one that would not fit anyway).
+    if self.waiting_queue and admission_target <= slots.available() + reclaimable(running):
         need = max(need, admission_target)
     pressed = any(r.state.on_pressure for r in running) and slots.available() < need
     if not requests and not pressed:

@@ -12,7 +12,7 @@ import torch
 
 from sglang_vase.config import VaseParams
 from sglang_vase.engine import step
-from sglang_vase.engine.pressure import relieve, victims
+from sglang_vase.engine.pressure import reclaimable, relieve, victims
 from sglang_vase.engine.state import DeviceState, RequestState
 from step_harness import FreeList, Request
 
@@ -41,6 +41,7 @@ def test_victims_free_the_most_first_and_only_as_many_as_needed():
     others = [Request(_state(STATIC, rid="s"), 4, 90), Request(evicted, 5, 90), Request(_state(rid="q"), 1, BUDGET),
               Request(_state(prefill=80, rid="p"), 2, 80), Request(_state(rid="n", ring_row=0), 3, 90)]
     assert victims(others, 100) == []
+    assert reclaimable([a, b, c] + others) == 58 + 38 + 38
 
 
 def test_pressure_mode_keeps_the_full_cache_until_forced_then_follows_the_static_schedule():

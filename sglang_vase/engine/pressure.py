@@ -19,13 +19,23 @@ from sglang_vase.engine.state import DeviceState
 from sglang_vase.engine.step import KVPool, Running, Slots, StepResult, evict_requests
 
 
+def _evictable(running: Iterable[Running]) -> list[Running]:
+    """Requests in pressure mode an eviction now would free slots of (with their ring row if they
+    score with queries)."""
+    return [r for r in running if r.state.on_pressure and r.state.reclaimable(r.length) > 0
+            and (r.state.ring_row or not r.state.policy.needs_queries)]
+
+
+def reclaimable(running: Iterable[Running]) -> int:
+    """Slots evicting every request in pressure mode now would free (by their lengths)."""
+    return sum(r.state.reclaimable(r.length) for r in _evictable(running))
+
+
 def victims(running: Iterable[Running], shortfall: int) -> list[Running]:
     """The requests in pressure mode to evict so that ``shortfall`` more slots come free: those
     whose eviction frees the most first (ties: the oldest), only as many as it takes (every one
     that can free slots when together they free less)."""
-    ready = [r for r in running if r.state.on_pressure and r.state.reclaimable(r.length) > 0
-             and (r.state.ring_row or not r.state.policy.needs_queries)]
-    ready.sort(key=lambda r: (-r.state.reclaimable(r.length), r.state.arrival))
+    ready = sorted(_evictable(running), key=lambda r: (-r.state.reclaimable(r.length), r.state.arrival))
     chosen, freed = [], 0
     for r in ready:
         if freed >= shortfall:
