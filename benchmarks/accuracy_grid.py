@@ -50,7 +50,7 @@ from throughput import parse_log
 
 FULL = "full"
 STREAM = "stream"  # the phases file's label for the work streamed after the measured phases
-SYSTEM_RE = re.compile(r"^(?P<policy>[a-z0-9-]+)(?:@(?P<budget>\d+))?:(?P<n>\d+)$")
+SYSTEM_RE = re.compile(r"^(?P<policy>[a-z0-9-]+)(?:@(?P<budget>\d+))?(?:/(?P<mode>pressure))?:(?P<n>\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +58,23 @@ class System:
     policy: str            # a registered policy name, or "full" (eviction off)
     budget: int | None     # B, None for the full cache
     n: int                 # samples per question
+    mode: str = "static"   # or "pressure": evict only when the pool runs short
 
     def label(self, tag: str) -> str:
-        return f"{tag}-{FULL}" if self.policy == FULL else f"{tag}-{self.policy}-b{self.budget}"
+        if self.policy == FULL:
+            return f"{tag}-{FULL}"
+        return f"{tag}-{self.policy}-b{self.budget}" + ("-pressure" if self.mode == "pressure" else "")
 
     def vase(self, window: int) -> dict | bool:
-        return False if self.policy == FULL else {"policy": self.policy, "budget": self.budget, "window": window}
+        if self.policy == FULL:
+            return False
+        vase = {"policy": self.policy, "budget": self.budget, "window": window}
+        return {**vase, "mode": self.mode} if self.mode != "static" else vase
 
 
 def parse_systems(spec: str) -> list[System]:
-    """``full:4,vase@128:4,snapkv@128:2``: policy, budget (not for full) and samples per question."""
+    """``full:4,vase@128:4,snapkv@128:2,vase@128/pressure:4``: policy, budget (not for full), mode
+    (static unless ``/pressure``) and samples per question."""
     systems = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         m = SYSTEM_RE.match(part)
@@ -76,8 +83,8 @@ def parse_systems(spec: str) -> list[System]:
         budget = int(m["budget"]) if m["budget"] else None
         if (m["policy"] == FULL) != (budget is None):
             raise ValueError(f"--systems: {part!r}: the full cache takes no budget, a policy needs one")
-        systems.append(System(m["policy"], budget, int(m["n"])))
-    if len({(s.policy, s.budget) for s in systems}) != len(systems):
+        systems.append(System(m["policy"], budget, int(m["n"]), m["mode"] or "static"))
+    if len({(s.policy, s.budget, s.mode) for s in systems}) != len(systems):
         raise ValueError("--systems: a system is listed twice")
     return systems
 
@@ -241,7 +248,9 @@ def system_row(system: System, job: accuracy.Job, full: accuracy.Job | None, pha
         if accuracy_stats.is_loop(tok(text, add_special_tokens=False)["input_ids"]):
             loops.append(r)
     mine = [p for p in phases if p["label"] == job.label and p["finished"]]
-    row = {"label": job.label, "policy": system.policy, "budget": system.budget, "n_per_question": job.n,
+    name = system.policy + ("/pressure" if system.mode == "pressure" else "")
+    row = {"label": job.label, "system": name, "policy": system.policy, "mode": system.mode,
+           "budget": system.budget, "n_per_question": job.n,
            "compression": round(full_sequence / system.budget, 2) if system.budget and full_sequence else None,
            **{k: s[k] for k in ("pass@1", "se", "n_questions", "n_samples", "mean_output_tokens",
                                 "share_max_tokens", "share_no_answer")},
@@ -285,7 +294,7 @@ def markdown(rows: list[dict]) -> str:
         diff = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-"
         sv = r["served"] or {}
         compression = f"{r['compression']:.1f}x" if r["compression"] else "-"
-        out.append(f"| {r['policy']} | {r['budget'] or '-'} | {compression} | "
+        out.append(f"| {r['system']} | {r['budget'] or '-'} | {compression} | "
                    f"{r['pass@1']:.3f} ± {r['se']:.3f} ({r['n_questions']} q × {r['n_per_question']}) | {diff} | "
                    f"{r['mean_output_tokens']:.0f} | {r['share_max_tokens']:.1%} | {r['share_loops']:.1%} | "
                    f"{_fmt(sv.get('output_tok_s'), '.1f')} | {sv.get('max_running', '-')} ({sv.get('mean_running', '-')}) "
@@ -301,10 +310,10 @@ def plot(rows: list[dict], out: Path, title: str) -> list[str]:
     paths = []
     full = next((r for r in rows if r["policy"] == FULL), None)
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != FULL):
-        pts = sorted((r["budget"], r["pass@1"], r["se"]) for r in rows if r["policy"] == policy)
+    for name in dict.fromkeys(r["system"] for r in rows if r["policy"] != FULL):
+        pts = sorted((r["budget"], r["pass@1"], r["se"]) for r in rows if r["system"] == name)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=policy)
+                    label=name)
     if full:
         ax.axhline(full["pass@1"], color="k", ls="--", lw=1, label="full cache")
     ax.set_xscale("log", base=2)
@@ -320,7 +329,7 @@ def plot(rows: list[dict], out: Path, title: str) -> list[str]:
     served = [r for r in rows if r["served"] and r["served"]["output_tok_s"]]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for r in served:
-        name = r["policy"] if r["policy"] == FULL else f"{r['policy']} B={r['budget']}"
+        name = r["system"] if r["policy"] == FULL else f"{r['system']} B={r['budget']}"
         ax.errorbar(r["served"]["output_tok_s"], r["pass@1"], yerr=r["se"], marker="o", capsize=3)
         ax.annotate(name, (r["served"]["output_tok_s"], r["pass@1"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")

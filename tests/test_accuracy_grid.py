@@ -25,7 +25,10 @@ def test_parse_systems():
     assert systems[0].label("m") == "m-full" and systems[1].label("m") == "m-vase-b128"
     assert systems[0].vase(32) is False
     assert systems[1].vase(32) == {"policy": "vase", "budget": 128, "window": 32}
-    for bad in ("vase:4", "full@128:4", "vase@128", "vase@128:4,vase@128:2", "Vase@1:1"):
+    pressed = accuracy_grid.parse_systems("vase@128:4,vase@128/pressure:2")[1]
+    assert pressed == System("vase", 128, 2, "pressure") and pressed.label("m") == "m-vase-b128-pressure"
+    assert pressed.vase(32) == {"policy": "vase", "budget": 128, "window": 32, "mode": "pressure"}
+    for bad in ("vase:4", "full@128:4", "vase@128", "vase@128:4,vase@128:2", "Vase@1:1", "vase@128/lazy:2"):
         with pytest.raises(ValueError, match="--systems"):
             accuracy_grid.parse_systems(bad)
 
