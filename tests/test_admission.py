@@ -80,7 +80,7 @@ def test_more_than_3n_concurrent_without_retraction():
 
 DECODE_TS_RE = re.compile(r"\[(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[^\]]*\] Decode batch(?: \[\d+\])?, "
                           r"#running-req: (?P<running>\d+)")
-SMALL = ["--max-running-requests", "16", "--decode-log-interval", "1", "--dtype", "bfloat16",
+SMALL = ["--max-running-requests", "16", "--decode-log-interval", "1",
          "--vase-budget", "64", "--vase-window", "16"]
 
 
@@ -137,16 +137,17 @@ def test_reservation_is_not_clipped():
 
 @pytest.fixture(scope="module")
 def small_pool():
-    server = Server(["--max-total-tokens", "1000", *SMALL], strict_memory=True)
+    # fp32: the pressure-mode test compares greedy tokens with the full cache's across requests
+    server = Server(["--max-total-tokens", "1200", *SMALL, "--dtype", "float32"], strict_memory=True)
     yield server
     server.stop()
 
 
 def test_long_prompt_reserves_only_b_plus_r_after_its_first_eviction(small_pool):
     """A ~270-token prompt with B = 64 reserves prompt + R until it first evicts (a few steps in),
-    then only B + R. On a 1000-slot pool three are admitted first and two more right after those
-    evict; reserving prompt + R for their whole life would admit them only once the first three had
-    under prompt - B tokens left to generate, two thirds of the way through."""
+    then only B + R. On a 1200-slot pool four are admitted first and the fifth right after those
+    evict; reserving prompt + R for their whole life would admit it only once one of the first four
+    had finished."""
     long_prompt = " ".join(["The lighthouse keeper counted the ships that passed."] * 30)
     offset = small_pool.log_offset()
     t0 = time.time()
@@ -194,7 +195,7 @@ def test_retracted_request_too_long_to_reprefill_is_aborted():
     forever, and the other request completes."""
     # Retracted at step 330, a request needs prompt + 330 > 300 slots to re-prefill; the pool holds
     # both requests' bounds max(prompt, B) + R = 80 at once.
-    server = Server(["--max-total-tokens", "300", *SMALL], strict_memory=True,
+    server = Server(["--max-total-tokens", "300", *SMALL, "--dtype", "bfloat16"], strict_memory=True,
                     env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "330"})
     try:
         codes, texts = [], []
@@ -214,3 +215,37 @@ def test_retracted_request_too_long_to_reprefill_is_aborted():
         assert server.alive()
     finally:
         server.stop()
+
+
+# --- pressure mode: the full cache while memory lasts, an eviction instead of a retraction ------
+
+def test_pressure_mode_at_low_load_is_the_full_cache(small_pool):
+    """The pool holds the request at full length: no eviction, the full cache's exact tokens."""
+    prompt = "Question: what is 17 * 23? Think step by step.\nAnswer:"
+    pressed = small_pool.generate(prompt, max_new_tokens=200, ignore_eos=True, vase={"mode": "pressure"})
+    full = small_pool.generate(prompt, max_new_tokens=200, ignore_eos=True, vase=False)
+    assert pressed["meta_info"]["vase"]["evictions"] == 0 and pressed["meta_info"]["vase"]["mode"] == "pressure"
+    assert pressed["output_ids"] == full["output_ids"]
+
+
+def test_pressure_mode_at_high_load_evicts_instead_of_retracting(small_pool):
+    """16 requests, half static and half in pressure mode, whose full length (16 x ~235) is far
+    beyond the 1,200-slot pool but whose slot bounds (16 x 80) nearly fit: the shortage forces the
+    pressure-mode ones to evict (once each at most, then the static schedule), nobody is retracted,
+    and as many run at once as the bounds allow (1200 // 80 = 15)."""
+    offset = small_pool.log_offset()
+    modes = ["static", "pressure"] * 8
+    results = _run_all(small_pool, [{**_request(f"Story {i}: once upon a time a robot named R{i}", 220,
+                                                vase={"mode": mode}), "rid": f"press-{i}-{time.time_ns()}"}
+                                    for i, mode in enumerate(modes)])
+    log = small_pool.log(offset)
+    assert "Retract" not in log, log[-3000:]
+    assert all(r["meta_info"]["completion_tokens"] == 220 and r["meta_info"]["num_retractions"] == 0 for r in results)
+    by_mode = {m: [r["meta_info"]["vase"] for r in results if r["meta_info"]["vase"]["mode"] == m] for m in set(modes)}
+    assert len(by_mode["pressure"]) == len(by_mode["static"]) == 8
+    forced = [v["forced_evictions"] for v in by_mode["pressure"]]
+    assert sum(forced) > 0 and all(f <= 1 for f in forced)
+    assert all(v["forced_evictions"] == 0 for v in by_mode["static"])
+    assert max(v["peak_kv_len"] for v in by_mode["pressure"]) > 80  # some held a full cache past the bound
+    assert small_pool.max_running_requests(offset) >= 15
+    assert small_pool.alive()

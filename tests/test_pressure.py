@@ -1,11 +1,8 @@
 """Eviction under memory pressure (sglang_vase.engine.pressure), on the engine alone: which requests
 a shortage evicts, and that a forced eviction at any length keeps what an eviction at that length
-keeps in the static mode (same policy, seed and eviction index)."""
+keeps in the static mode (same policy, seed and eviction index). On a server: tests/test_admission.py."""
 
 from __future__ import annotations
-
-import concurrent.futures as cf
-import re
 
 import pytest
 import torch
@@ -126,63 +123,3 @@ def test_a_shortage_no_eviction_can_cover_evicts_every_candidate():
     assert all(r.length == BUDGET for r in pool.requests)
     # Nothing left to free: a second call evicts nothing (each follows the static schedule now).
     assert relieve(pool.requests, free + 10**6, pool.kv, pool.device, pool.slots).evicted == []
-
-
-# ------------------------------------------------------------------ on a server (embedded model)
-
-POOL = 1200
-SERVER_FLAGS = ["--dtype", "float32", "--max-total-tokens", str(POOL), "--max-running-requests", "16",
-                "--vase-budget", "64", "--vase-window", "16", "--vase-mode", "pressure", "--decode-log-interval", "1"]
-
-
-@pytest.fixture(scope="module")
-def server():
-    from sglang_vase.serving import Server
-
-    s = Server(SERVER_FLAGS, strict_memory=True)
-    yield s
-    s.stop()
-
-
-def _generate(server, prompt: str, tokens: int, vase=None) -> dict:
-    return server.generate(prompt, max_new_tokens=tokens, ignore_eos=True, vase=vase)
-
-
-@pytest.mark.slow
-def test_low_load_is_the_full_cache(server):
-    """The pool holds the request at full length: no eviction, the full cache's exact tokens."""
-    prompt = "Question: what is 17 * 23? Think step by step.\nAnswer:"
-    pressed = _generate(server, prompt, 200)
-    full = _generate(server, prompt, 200, vase=False)
-    assert pressed["meta_info"]["vase"]["evictions"] == 0 and pressed["meta_info"]["vase"]["mode"] == "pressure"
-    assert pressed["output_ids"] == full["output_ids"]
-
-
-def _max_running(log: str) -> int:
-    return max((int(m) for m in re.findall(r"Decode batch.*?#running-req: (\d+)", log)), default=0)
-
-
-def _batch(server, mode: str, requests: int = 16, tokens: int = 220) -> tuple[list[dict], str]:
-    start = server.log_offset()
-    prompts = [f"Story {i}: once upon a time there was a robot named R{i} who" for i in range(requests)]
-    with cf.ThreadPoolExecutor(requests) as pool:
-        outs = list(pool.map(lambda p: _generate(server, p, tokens, vase={"mode": mode}), prompts))
-    return [o["meta_info"] for o in outs], server.log(start)
-
-
-@pytest.mark.slow
-def test_high_load_evicts_instead_of_retracting(server):
-    """16 requests whose full length (16 x ~240) is far beyond the pool but whose static footprints
-    (16 x 80) nearly fit: in pressure mode the shortage forces evictions, nobody is retracted, and
-    as many run at once as in the static mode."""
-    static, static_log = _batch(server, "static")
-    pressed, log = _batch(server, "pressure")
-    for metas, text in ((static, static_log), (pressed, log)):
-        assert "Retract" not in text, text[-3000:]
-        assert all(m["completion_tokens"] == 220 for m in metas)
-    forced = [m["vase"]["forced_evictions"] for m in pressed]
-    assert sum(forced) > 0 and all(f <= 1 for f in forced)  # forced once, then the static schedule
-    assert all(m["vase"]["forced_evictions"] == 0 for m in static)
-    assert max(m["vase"]["peak_kv_len"] for m in pressed) > 80  # some kept a full cache past the static bound
-    assert _max_running(log) >= 0.95 * _max_running(static_log), (_max_running(log), _max_running(static_log))
-    assert server.alive()
