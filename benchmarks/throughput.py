@@ -417,6 +417,7 @@ def summarize(t0: float, recs: list[dict], steps: list[dict], retracts: list[dic
         res["vase"] = {
             "evictions_total": sum(evictions),
             "evicted_tokens_total": sum(r["vase"].get("evicted_tokens", 0) for r in recs if r.get("vase")),
+            "forced_evictions_total": sum(r["vase"].get("forced_evictions", 0) for r in recs if r.get("vase")),
             "peak_kv_len_max": max(r["vase"].get("peak_kv_len", 0) for r in recs if r.get("vase")),
         }
     res["trace"] = {  # KV use over time, seconds since the level's first request
