@@ -19,7 +19,9 @@ within \\boxed{}.`` in the model's chat template):
    physical length) and over all rows ("all"). A policy spec ``name:late=L`` evicts as pressure
    mode does when the pool runs short after L continuation tokens: the full cache until then, one
    eviction to B there, then the static schedule (``name`` alone: every R tokens past B + R), so
-   the cost of compressing late and at once is measured beside the gradual schedule. Per (policy, kept order, compression, seed) the
+   the cost of compressing late and at once is measured beside the gradual schedule;
+   ``name:regrow=L`` evicts there again each time it grows back to that length (pressure mode
+   growing again after every forced eviction). Per (policy, kept order, compression, seed) the
    per-prompt means are averaged over prompts; stochastic policies report mean and std (ddof=1)
    over seeds 0..S-1, deterministic ones run once (seed 0). The same seeds are used for every
    policy. ``kl_before_max`` (rows before the first eviction) is 0: those rows are the shared cache.
@@ -102,7 +104,7 @@ import torch
 
 from common import DATA_DIR, RESULTS_DIR, TEMPERATURE, TOP_P, machine_info, shard_arg
 from fidelity_configs import (ORDERS, budget_for, build_policy, engine_configs, first_affected_row, is_stochastic,
-                              late_of, load_prompts, make_configs, parse_policy_spec, row_order)
+                              load_prompts, make_configs, parse_policy_spec, row_order, schedule_of)
 from fidelity_engine import LOOP_MIN_COUNT, LOOP_NGRAM, TAIL_FRACTION, TAIL_MAX_PERIOD, TAIL_MIN_REPEATS, EngineRun
 from fidelity_replay import partial_path, replay_part
 from fidelity_report import aggregate, aggregate_vrange, mean_known, render, render_only
@@ -202,8 +204,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
     for pol in policies:  # fail early on parameter errors
         for b in budgets.values():
             build_policy(pol, b, args.window, orders[0])
-            if late_of(pol) is not None:  # a one-token prompt is the hardest case
-                first_affected_row(1, args.cont_len, b, args.window, late_of(pol))
+            if schedule_of(pol)[0] is not None:  # a one-token prompt is the hardest case
+                first_affected_row(1, args.cont_len, b, args.window, *schedule_of(pol))
     stochastic = {p: is_stochastic(p) for p in policies}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -11,8 +11,10 @@ from common import MATH_SUFFIX, chat_ids, problems
 ORDERS = ("released", "sorted")
 FULL = "full"
 # ``name:late=L``: pressure mode's schedule, no eviction until L continuation tokens, one eviction
-# there (to B), then the static schedule; ``name`` alone evicts gradually, every R tokens past B + R.
-LATE = "late"
+# there (to B), then the static schedule; ``name:regrow=L``: the same first eviction, then again each
+# time it grows back to that length (pressure mode growing again after every forced eviction, under a
+# steady shortage); ``name`` alone evicts gradually, every R tokens past B + R.
+LATE, REGROW = "late", "regrow"
 
 
 def load_prompts(tokenizer, data_dir: Path, dataset: str, n: int, max_prompt_tokens: int) -> list[dict]:
@@ -40,7 +42,7 @@ def budget_for(cont_len: int, compression: float, window: int) -> int:
 
 
 def first_affected_row(prompt_len: int, cont_len: int, budget: int, window: int,
-                       late: int | None = None) -> tuple[int, int]:
+                       late: int | None = None, regrow: bool = False) -> tuple[int, int]:
     """(first row computed after an eviction, evictions that affect a row), from the engine trigger.
 
     Row 0 comes from the prefill; row i >= 1 from the decode step of continuation token i-1, which
@@ -48,25 +50,33 @@ def first_affected_row(prompt_len: int, cont_len: int, budget: int, window: int,
     triggers. The eviction after step i first affects row i + 1; one after the last row affects
     nothing and is not counted (the engine, whose request ends there, does not run it either):
     exactly the engine's ``Geometry.evictions_in``. With ``late`` L the first eviction is after
-    step L, leaving B slots, and the triggers follow from there."""
+    step L, leaving B slots, and the triggers follow from there (with ``regrow``: every
+    prompt + L - B steps, when it is back at its length after step L)."""
     from sglang_vase.engine.geometry import Geometry
 
     geometry = Geometry(budget, window)
     if late is not None:
         if prompt_len + late <= budget or late > cont_len - 2:
-            raise ValueError(f"late={late}: the eviction must fall past B={budget} (prompt {prompt_len} tokens) "
-                             f"and before the last row ({cont_len} rows)")
+            raise ValueError(f"{REGROW if regrow else LATE}={late}: the eviction must fall past B={budget} "
+                             f"(prompt {prompt_len} tokens) and before the last row ({cont_len} rows)")
+        if regrow:
+            return late + 1, 1 + (cont_len - 2 - late) // (prompt_len + late - budget)
         return late + 1, 1 + geometry.evictions_in(budget, cont_len - late)
     events = geometry.evictions_in(prompt_len, cont_len)
     return (geometry.next_trigger(prompt_len) - prompt_len + 1 if events else cont_len), events
 
 
-def late_of(spec: str) -> int | None:
-    """L of a ``name:late=L`` spec (None: the static schedule)."""
-    late = parse_policy_spec(spec)[1].get(LATE)
+def schedule_of(spec: str) -> tuple[int | None, bool]:
+    """(L, regrow) of a ``name:late=L`` or ``name:regrow=L`` spec; (None, False): the static schedule."""
+    params = parse_policy_spec(spec)[1]
+    if LATE in params and REGROW in params:
+        raise ValueError(f"policy {spec!r}: late and regrow exclude each other")
+    regrow = REGROW in params
+    late = params.get(REGROW if regrow else LATE)
     if late is not None and (isinstance(late, bool) or not isinstance(late, int) or late < 1):
-        raise ValueError(f"policy {spec!r}: late must be a positive number of continuation tokens")
-    return late
+        raise ValueError(f"policy {spec!r}: {REGROW if regrow else LATE} must be a positive number of "
+                         f"continuation tokens")
+    return late, regrow
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
@@ -88,7 +98,7 @@ def build_policy(spec: str, budget: int, window: int, order: str):
     from sglang_vase.policies import get_policy
 
     name, params = parse_policy_spec(spec)
-    params.pop(LATE, None)  # the schedule, not a policy parameter
+    params.pop(LATE, None), params.pop(REGROW, None)  # the schedule, not policy parameters
     return get_policy(name, budget=budget, window=window, sort_kept=order == "sorted", **params)
 
 

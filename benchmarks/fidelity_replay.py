@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fidelity_configs import FULL, build_policy, first_affected_row, late_of
+from fidelity_configs import FULL, build_policy, first_affected_row, schedule_of
 from fidelity_update import check_same_reference
 
 # Thresholds (x median range) whose share of tokens the value-range statistics report.
@@ -89,9 +89,9 @@ def replay_prompt(model, prompt: dict, tokens: list[int], step_logits: torch.Ten
         key = (cfg["policy"], cfg["order"], cfg["budget"])
         if cfg["policy"] != FULL and key not in policies:
             policies[key] = build_policy(cfg["policy"], cfg["budget"], window, cfg["order"])
-        late = late_of(cfg["policy"]) if cfg["policy"] != FULL else None
+        late, regrow = schedule_of(cfg["policy"]) if cfg["policy"] != FULL else (None, False)
         at = None if late is None else prompt["prompt_tokens"] + late
-        rows.append(Row(policies.get(key), cfg["seed"], first_eviction_at=at))
+        rows.append(Row(policies.get(key), cfg["seed"], first_eviction_at=at, regrow=regrow))
     dec = EvictingDecoder(model, rows=rows, record_keeps=False)
     t = len(tokens)
     kl = torch.zeros(len(rows), t, dtype=torch.float64)  # row 0 comes from the prefill: the same for all
@@ -113,7 +113,7 @@ def replay_prompt(model, prompt: dict, tokens: list[int], step_logits: torch.Ten
             first, events = t, 0
         else:
             first, events = first_affected_row(prompt["prompt_tokens"], t, cfg["budget"], window,
-                                               late_of(cfg["policy"]))
+                                               *schedule_of(cfg["policy"]))
         runs.append({**cfg, "prompt": prompt["index"], **summarize(kl[r], top1[r], nll[r], first),
                      "evictions": events})
     vrange = [value_range_stats(dec.cache(layer, row=0)[1]) for layer in range(dec.n_layers)]

@@ -59,6 +59,13 @@ def test_budget_and_first_eviction():
     for bad in (12, 99):  # at or below B (prompt 20 + 12 = 32), or after the last row's step
         with pytest.raises(ValueError, match="late"):
             fidelity_configs.first_affected_row(20, 100, 32, 8, late=bad)
+    # regrow=50: n = 70 -> 32 after row 50, and back at 70 every 38 rows: after rows 88 (and 126)
+    assert fidelity_configs.first_affected_row(20, 100, 32, 8, late=50, regrow=True) == (51, 2)
+    # the second eviction after the last row (88) affects nothing: not counted
+    assert fidelity_configs.first_affected_row(20, 89, 32, 8, late=50, regrow=True) == (51, 1)
+    assert fidelity_configs.first_affected_row(20, 90, 32, 8, late=50, regrow=True) == (51, 2)
+    with pytest.raises(ValueError, match="regrow"):
+        fidelity_configs.first_affected_row(20, 100, 32, 8, late=12, regrow=True)
 
 
 def test_token_metrics_against_the_definitions():
@@ -96,10 +103,16 @@ def test_policy_specs_and_configs():
     policy = fidelity_configs.build_policy("vase-adaptive:tau=3", 64, 16, "sorted")
     assert policy.tau == 3.0 and policy.sort_kept and policy.budget == 64
     late = fidelity_configs.build_policy("vase:late=512", 64, 16, "released")
-    assert late.budget == 64 and fidelity_configs.late_of("vase:late=512") == 512
-    assert fidelity_configs.late_of("vase") is None
-    with pytest.raises(ValueError, match="late"):
-        fidelity_configs.late_of("vase:late=0")
+    assert late.budget == 64 and fidelity_configs.schedule_of("vase:late=512") == (512, False)
+    assert fidelity_configs.build_policy("vase:regrow=512", 64, 16, "released").budget == 64
+    assert fidelity_configs.schedule_of("vase:regrow=512") == (512, True)
+    assert fidelity_configs.schedule_of("vase") == (None, False)
+    with pytest.raises(ValueError, match="late must"):
+        fidelity_configs.schedule_of("vase:late=0")
+    with pytest.raises(ValueError, match="regrow must"):
+        fidelity_configs.schedule_of("vase:regrow=yes")
+    with pytest.raises(ValueError, match="exclude"):
+        fidelity_configs.schedule_of("vase:late=512:regrow=512")
     configs = fidelity_configs.make_configs(["snapkv", "vase:n_large=8"], ["released", "sorted"], {2: 64, 4: 32}, 3)
     assert configs[0]["policy"] == fidelity_configs.FULL
     assert len(configs) == 1 + 2 * 2 * 1 + 2 * 2 * 3  # deterministic: seed 0 only
@@ -150,7 +163,8 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
     """The replay of a finished prompt is kept as it finishes: started again with the same settings,
     the run takes it from there (nothing is replayed) and writes the same rows."""
     out = tmp_path / "fidelity.json"
-    argv = ["--quick", "--threads", "1", "--policies", "vase,snapkv,snapkv:late=40", "--out", str(out)]
+    argv = ["--quick", "--threads", "1", "--policies", "vase,snapkv,snapkv:late=40,snapkv:regrow=40", "--out",
+            str(out)]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -169,7 +183,8 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
         fidelity.main(other)  # refused: the finished prompt is kept, not overwritten
     assert partial.read_text() == saved
 
-    reordered = ["--quick", "--threads", "1", "--policies", "snapkv:late=40,snapkv,vase", "--out", str(out)]
+    reordered = ["--quick", "--threads", "1", "--policies", "snapkv:regrow=40,snapkv:late=40,snapkv,vase", "--out",
+                 str(out)]
     with monkeypatch.context() as m:
         m.setattr(fidelity_replay, "replay_prompt", interrupted)  # must not be needed
         data = fidelity.main(reordered)  # the same settings: the policies' order does not matter
@@ -182,6 +197,11 @@ def test_an_interrupted_run_resumes_from_its_finished_prompts(tmp_path, monkeypa
         r = late[int(c)]
         assert r["first_affected_row"] == 41 and r["kl_before_max"] == 0.0 and r["kl_after"] > 0
         assert r["evictions"] == 1 + Geometry(b, 8).evictions_in(b, 64 - 40)
+        # snapkv:regrow=40: the same first eviction, then only when back at prompt + 40 slots
+        again = next(g for g in data["replay_runs"] if g["policy"] == "snapkv:regrow=40" and g["compression"] == int(c))
+        prompt = data["prompts"][0]["prompt_tokens"]
+        assert again["first_affected_row"] == 41 and again["evictions"] == 1 + (62 - 40) // (prompt + 40 - b)
+        assert again["kl_after"] != r["kl_after"]  # the late row evicts again every R tokens
     fresh = fidelity.main(argv)["replay_runs"]  # a fresh run computes the same rows
     assert sorted(map(json.dumps, fresh)) == sorted(map(json.dumps, data["replay_runs"]))
 

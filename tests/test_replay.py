@@ -433,3 +433,34 @@ def test_first_eviction_at_a_given_length_then_the_static_schedule(model, snapkv
     stepped = torch.stack([alone.step(t) for t in tokens])
     torch.testing.assert_close(stepped, logits[2], atol=2e-4, rtol=1e-4)
     assert alone.keep_log[0].shape == (len(dec.layers), dec.n_kv, K_KEEP)
+
+
+def test_regrow_evicts_each_time_it_is_back_at_its_length(model, snapkv_run, chat_prompt):
+    """Row.regrow: the first eviction where the pool ran short, then again each time the row grows
+    back to that length (never at the static triggers); before its first eviction it is the late
+    row's twin, and step by step it computes what the batched teacher-forced run does."""
+    from sglang_vase.reference.replay import Row
+
+    p, late = len(chat_prompt), 47
+    at = p + late
+    policy = get_policy("snapkv", budget=BUDGET, window=WINDOW)
+    rows = [Row(None), Row(policy, seed=3, first_eviction_at=at),
+            Row(policy, seed=3, first_eviction_at=at, regrow=True)]
+    dec = EvictingDecoder(model, rows=rows)
+    dec.prefill(chat_prompt)
+    tokens = snapkv_run["tokens"]
+    logits = dec.extend(tokens)
+    n, evictions = p, 0
+    for _ in tokens:  # the rule, simulated: evict to B whenever the length is `at`
+        n += 1
+        if n == at:
+            n, evictions = BUDGET, evictions + 1
+    assert evictions >= 3  # the run comes back to `at` at least twice
+    assert (dec.row_length(2), dec.row_evictions(2)) == (n, evictions)
+    torch.testing.assert_close(logits[2, :late], logits[1, :late])  # the late row's twin until then
+    with pytest.raises(ValueError, match="first_eviction_at"):
+        Row(policy, regrow=True)
+    alone = EvictingDecoder(model, rows=[rows[2]])
+    alone.prefill(chat_prompt)
+    stepped = torch.stack([alone.step(t) for t in tokens])
+    torch.testing.assert_close(stepped, logits[2], atol=2e-4, rtol=1e-4)

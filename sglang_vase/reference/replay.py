@@ -12,7 +12,8 @@ KV cache ``[H_kv, n, D]`` of post-RoPE keys (after q_norm/k_norm for Qwen3), so 
   the TRUE absolute position, and attends over all n cached slots of each head;
 - after a decode step that ``Geometry.triggers`` (n - q > B, (n - q) % R == 0, q the kept prompt:
   P with keep_prompt, else 0), or, for a row with ``first_eviction_at`` L (pressure mode's
-  schedule), first at n = L and then at the triggers, every layer evicts: candidates are slots q..n-R-1,
+  schedule), first at n = L and then at the triggers (with ``regrow``: each time n is L again),
+  every layer evicts: candidates are slots q..n-R-1,
   ``selection.select_keep`` picks K = B - R of them per KV head, and the cache becomes
   ``cache[h, :q] ++ cand[h, keep[h]] ++ cache[h, n-R:n]`` (n = q + B). The eviction counter counts
   events (one per step that evicts, all layers).
@@ -73,6 +74,19 @@ class Row:
     # Pressure mode's schedule: no eviction until the physical length reaches ``first_eviction_at``
     # (where the pool ran short), one eviction there, then the static schedule. None: static.
     first_eviction_at: int | None = None
+    # With ``regrow``, evicted again each time it grows back to ``first_eviction_at`` instead of
+    # following the static schedule: a request in pressure mode that grows again after each forced
+    # eviction, under a steady shortage.
+    regrow: bool = False
+
+    def __post_init__(self):
+        if self.regrow and self.first_eviction_at is None:
+            raise ValueError("regrow needs first_eviction_at: the length it is evicted at each time")
+
+    @property
+    def evicts_at(self) -> int | None:
+        """The one length it evicts at after its first eviction (regrow), or None: the triggers."""
+        return self.first_eviction_at if self.regrow else None
 
     def first_due(self, geometry: Geometry, length: int) -> bool:
         """Whether its first eviction falls at ``length`` (a decode step left it there)."""
@@ -117,11 +131,16 @@ class _Stream:
         self.length = 0
         self.evictions = 0
         self.first_due = False  # branched at its rows' first eviction: evicts before anything else
+        self.evicts_at: int | None = None  # after that: at this length (Row.regrow), else the triggers
         n_layers, capacity, h_kv, head_dim = shape
         self.k = [torch.empty((copies, h_kv, capacity, head_dim), dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty_like(t) for t in self.k]
         self.pos = [torch.empty((copies, h_kv, capacity), dtype=torch.long, device=device) for _ in range(n_layers)]
         self.ring: torch.Tensor | None = None
+
+    def due(self, length: int) -> bool:
+        """Whether a branch of ``length`` slots after a decode step evicts (after its first)."""
+        return length == self.evicts_at if self.evicts_at is not None else self.geometry.triggers(length)
 
     @property
     def capacity(self) -> int:
@@ -313,7 +332,7 @@ class EvictingDecoder:
     def _triggers(self, stream: _Stream, length: int) -> bool:
         """Whether a stream of ``length`` slots after a decode step evicts (or, the trunk, branches)."""
         if stream.geometry is not None:
-            return stream.geometry.triggers(length)
+            return stream.due(length)
         return any(self.rows[r].first_due(self._geometries[r], length) for r in stream.rows
                    if self._geometries[r] is not None)
 
@@ -407,11 +426,11 @@ class EvictingDecoder:
             for r in trunk.rows:
                 geometry = self._geometries[r]
                 if geometry is not None and self.rows[r].first_due(geometry, trunk.length):
-                    due[geometry].append(r)
-            for geometry, rows in due.items():
+                    due[geometry, self.rows[r].evicts_at].append(r)
+            for (geometry, evicts_at), rows in due.items():
                 capacity = max(geometry.slot_bound(self.prompt_length), trunk.length)
                 stream = trunk.branch(rows, geometry, capacity)
-                stream.first_due = True
+                stream.first_due, stream.evicts_at = True, evicts_at
                 self._streams.append(stream)
                 for c, r in enumerate(rows):
                     self._where[r] = (stream, c)
@@ -420,7 +439,7 @@ class EvictingDecoder:
                 self._streams.remove(trunk)
                 self._trunk = None
         for stream in self._streams:
-            if stream.geometry is not None and (stream.first_due or stream.geometry.triggers(stream.length)):
+            if stream.geometry is not None and (stream.first_due or stream.due(stream.length)):
                 stream.first_due = False
                 self._evict(stream)
 
