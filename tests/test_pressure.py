@@ -31,23 +31,26 @@ def test_victims_free_the_most_first_and_only_as_many_as_needed():
     assert [r.state.rid for r in victims([c, b, a], 59)] == ["a", "b"]
     assert [r.state.rid for r in victims([c, b, a], 10**6)] == ["a", "b", "c"]  # all there is
     assert victims([c, b, a], 0) == []
-    # Not candidates: the static mode, a request already evicted (static schedule now), one at or
-    # below q + B, one just prefilled (no decode step yet), one without a query-ring row.
-    evicted = _state(rid="e")
-    evicted.record(10, forced=True)
-    others = [Request(_state(STATIC, rid="s"), 4, 90), Request(evicted, 5, 90), Request(_state(rid="q"), 1, BUDGET),
+    # Not candidates: the static mode, one at or below q + B, one just prefilled (no decode step
+    # yet), one without a query-ring row.
+    others = [Request(_state(STATIC, rid="s"), 4, 90), Request(_state(rid="q"), 1, BUDGET),
               Request(_state(prefill=80, rid="p"), 2, 80), Request(_state(rid="n", ring_row=0), 3, 90)]
     assert victims(others, 100) == []
     assert reclaimable([a, b, c] + others) == 58 + 38 + 38
+    # A request evicted before that has grown again is one (it frees what it grew).
+    evicted = _state(rid="e")
+    evicted.record(10, forced=True)
+    assert [r.state.rid for r in victims(others + [Request(evicted, 5, 50)], 1)] == ["e"]
 
 
-def test_pressure_mode_keeps_the_full_cache_until_forced_then_follows_the_static_schedule():
+def test_pressure_mode_is_evicted_only_when_forced_and_grows_again():
     st = _state()
     assert not any(st.due(n) for n in range(21, 400))  # no trigger fires before a forced eviction
     assert st.reclaimable(20) == 0 and st.reclaimable(21) == 0 and st.reclaimable(33) == 1
     st.record(400 - BUDGET, forced=True)
     assert (st.evictions, st.forced_evictions, st.total_evictions) == (1, 1, 1)
-    assert [n for n in range(BUDGET, 60) if st.due(n)] == [40, 48, 56]  # g > B, g % R == 0
+    assert not any(st.due(n) for n in range(BUDGET, 400))  # nor after one: it grows again
+    assert st.reclaimable(BUDGET) == 0 and st.reclaimable(BUDGET + 9) == 9
     # A provisional forced eviction taken back (its request finished at the step in flight).
     st.provisional = (5, 10, True)
     assert st.settle(5, finished=True) and (st.evictions, st.forced_evictions) == (0, 0)
@@ -121,5 +124,5 @@ def test_a_shortage_no_eviction_can_cover_evicts_every_candidate():
     assert sorted(r.state.rid for r in result.evicted) == ["r0", "r1", "r2"]
     assert result.freed == (75 - BUDGET) + (61 - BUDGET) + (44 - BUDGET)
     assert all(r.length == BUDGET for r in pool.requests)
-    # Nothing left to free: a second call evicts nothing (each follows the static schedule now).
+    # Nothing left to free: a second call evicts nothing (each is at q + B until it grows again).
     assert relieve(pool.requests, free + 10**6, pool.kv, pool.device, pool.slots).evicted == []

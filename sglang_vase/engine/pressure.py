@@ -1,7 +1,8 @@
 """Eviction under memory pressure (``mode: pressure``): a request keeps its full cache until the KV
 pool cannot hold what the step needs; then the requests whose eviction frees the most are evicted,
 each to q + B with its own policy, seed and budget, and only as many as it takes. A request evicted
-once follows the static schedule from then on (every R tokens past B + R).
+grows again and is evicted again only when the pool runs short again (never on the static schedule's
+triggers).
 
 Why this can replace retraction: admission reserves for an evicting request its static slot bound
 (``Geometry.slot_bound``: max(prompt, B) + R), so the bounds of the running requests fit the pool. A

@@ -73,9 +73,10 @@ class RequestState:
 
     @property
     def on_pressure(self) -> bool:
-        """Whether it keeps its full cache until the pool's shortage forces an eviction (pressure
-        mode, not evicted since its last (re)prefill); after that it follows the static schedule."""
-        return self.params.mode == "pressure" and not self.evictions
+        """Whether it is evicted only when the pool's shortage forces it (pressure mode), growing
+        again after each forced eviction: the static schedule after a forced eviction kept worse
+        tokens in the schedules' fidelity replay, at equal throughput and pool use (README)."""
+        return self.params.mode == "pressure"
 
     def due(self, n: int) -> bool:
         """Whether physical length ``n`` is an eviction trigger. A request is only evicted after a
