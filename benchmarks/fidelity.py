@@ -202,10 +202,11 @@ def plan_run(args: argparse.Namespace) -> Plan:
     compressions = [int(c) if c.is_integer() else c for c in compressions]
     budgets = {c: budget_for(args.cont_len, c, args.window) for c in compressions}
     for pol in policies:  # fail early on parameter errors
+        late, regrow = schedule_of(pol)
         for b in budgets.values():
             build_policy(pol, b, args.window, orders[0])
-            if schedule_of(pol)[0] is not None:  # a one-token prompt is the hardest case
-                first_affected_row(1, args.cont_len, b, args.window, *schedule_of(pol))
+            if late is not None:  # a one-token prompt is the hardest case
+                first_affected_row(1, args.cont_len, b, args.window, late, regrow)
     stochastic = {p: is_stochastic(p) for p in policies}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
